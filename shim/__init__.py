@@ -1,0 +1,1 @@
+"""mmshim: the proxy between legacy agents and the MMA/MMS model managers."""

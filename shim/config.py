@@ -1,0 +1,299 @@
+"""The shim's configuration: msgspec Structs decoded from ``config/shim.toml``.
+
+The Structs are the single source of truth for what the file may say. Decoding rejects
+unknown keys and wrong types with a message naming the field; ``validate`` then checks
+what types cannot express (known backend names, no routing loop, weights not all zero).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+#: Canonical operation names that per-action rules and shadow policies are keyed by.
+ACTIONS = (
+    "generate",
+    "load",
+    "unload",
+    "loaded_status",
+    "status",
+    "health",
+    "model_access",
+    "clear_conversation",
+    "list_models",
+    "other",
+)
+
+#: Actions that change a backend's state: never failed over, never mirrored.
+STATEFUL_ACTIONS = frozenset({"load", "unload", "model_access", "clear_conversation"})
+
+Mode = Literal["split", "shadow"]
+MirrorPolicy = Literal["always", "if_loaded", "never"]
+CompareRule = Literal["exact", "shape", "ignore"]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the field."""
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Common options: unknown keys are errors, every field is keyword-only."""
+
+
+class ShimSection(Base):
+    """Where the shim listens and how it treats incoming requests."""
+
+    listen: str = "tcp://*:5570"
+    health: str = "tcp://*:6570"
+    metrics: str = "127.0.0.1:9570"
+    admin: str = "tcp://127.0.0.1:5590"
+    admin_token_file: str = ""
+    state_file: str = "state/shim-state.json"
+    max_request_bytes: int = 1 << 20
+    opaque: Literal["forward", "reject"] = "reject"
+    drain_timeout_s: float = 5.0
+    default_timeout_ms: int = 4500
+
+
+class BackendConfig(Base):
+    """One model manager: its dialect, its endpoints, and how long to wait for it."""
+
+    dialect: Literal["mma", "mms"]
+    endpoints: list[str]
+    health: str = ""
+    timeout_ms: int = 4500
+    #: A second instance of the same backend, used by shadow mode to calibrate noise.
+    secondary: str = ""
+
+
+class RoutingSection(Base):
+    """How requests are split: mode, weights (percent, 0.01 % resolution), sticky key."""
+
+    mode: Mode = "split"
+    weights: dict[str, float] = msgspec.field(default_factory=lambda: {"mma": 100.0, "mms": 0.0})
+    sticky_key: str = "conversation_id"
+    #: Where ``rollback`` sends all traffic.
+    safe_backend: str = "mma"
+
+
+class HealthSection(Base):
+    """Active probing of each backend's health socket, and passive failure counting."""
+
+    interval_ms: int = 1000
+    timeout_ms: int = 500
+    #: Probes in a row that must fail before a backend is marked down.
+    probe_failures: int = 2
+    #: Request failures (timeouts, lost connections) in a row that mark a backend down.
+    request_failures: int = 3
+
+
+class ActionRule(Base):
+    """Per-action overrides; unset fields fall back to the defaults for that action."""
+
+    timeout_ms: int | None = None
+    failover: bool | None = None
+    pin: str = ""
+    translate: bool = True
+    mirror: MirrorPolicy | None = None
+
+
+class OwnershipSection(Base):
+    """One owner per model: polling, hand-over and duplicate repair."""
+
+    enabled: bool = True
+    poll_interval_ms: int = 2000
+    handover_timeout_ms: int = 3000
+    repair: bool = False
+
+
+class ShadowSection(Base):
+    """Mirroring to the non-primary backend and comparing the replies."""
+
+    percent: float = 100.0
+    sticky: bool = True
+    max_inflight: int = 64
+    timeout_ms: int = 4500
+    diff_log: str = "state/shadow-diffs.jsonl"
+    diff_log_max_bytes: int = 10 << 20
+    diff_log_backups: int = 3
+    #: field path -> rule, per action; "*" applies to every action.
+    compare: dict[str, dict[str, CompareRule]] = msgspec.field(default_factory=dict)
+
+
+class ShimConfig(Base):
+    """The whole file."""
+
+    shim: ShimSection = msgspec.field(default_factory=ShimSection)
+    backends: dict[str, BackendConfig] = msgspec.field(default_factory=dict)
+    routing: RoutingSection = msgspec.field(default_factory=RoutingSection)
+    health: HealthSection = msgspec.field(default_factory=HealthSection)
+    actions: dict[str, ActionRule] = msgspec.field(default_factory=dict)
+    ownership: OwnershipSection = msgspec.field(default_factory=OwnershipSection)
+    shadow: ShadowSection = msgspec.field(default_factory=ShadowSection)
+    #: model_pref -> model name; empty means "read it from models_file".
+    policy: dict[str, str] = msgspec.field(default_factory=dict)
+    #: The backends' model config, whose [policy] table the shim shares.
+    models_file: str = "models.toml"
+
+
+def load_config(path: str | Path) -> ShimConfig:
+    """Read, decode and validate a config file, or raise ConfigError naming the field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:  # TOML for people; JSON (a TOML-free subset) for generated configs
+        raw = msgspec.json.decode(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper() or 'TOML'}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a table")
+    return decode_config(raw, source=str(path), base_dir=path.parent)
+
+
+def decode_config(raw: dict[str, object], *, source: str = "<config>",
+                  base_dir: Path | None = None) -> ShimConfig:
+    """Decode an already-parsed TOML/JSON mapping and validate it."""
+    # Tables keyed by name are decoded entry by entry so an error names the entry
+    # (`$.backends.mms.timeout_ms`, where msgspec alone would say `$.backends[...]`).
+    for section, struct in (("backends", BackendConfig), ("actions", ActionRule)):
+        entries = raw.get(section)
+        for name, entry in entries.items() if isinstance(entries, dict) else ():
+            try:
+                msgspec.convert(entry, struct, strict=False)
+            except msgspec.ValidationError as exc:
+                where = str(exc).replace("`$", f"`$.{section}.{name}")
+                raise ConfigError(f"{source}: {where}") from None
+    try:
+        cfg = msgspec.convert(raw, ShimConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    validate(cfg, source)
+    if base_dir is not None:
+        _resolve_paths(cfg, base_dir)
+    if not cfg.policy:
+        cfg.policy = _policy_from_models(cfg, source)
+    return cfg
+
+
+def _resolve_paths(cfg: ShimConfig, base_dir: Path) -> None:
+    """Relative file paths in a config file are relative to that file."""
+    def resolve(value: str) -> str:
+        return str((base_dir / value).resolve()) if value and not Path(value).is_absolute() \
+            else value
+    cfg.models_file = resolve(cfg.models_file)
+    cfg.shim.state_file = resolve(cfg.shim.state_file)
+    cfg.shim.admin_token_file = resolve(cfg.shim.admin_token_file)
+    cfg.shadow.diff_log = resolve(cfg.shadow.diff_log)
+
+
+def _policy_from_models(cfg: ShimConfig, source: str) -> dict[str, str]:
+    """The load policy (model_pref -> model), shared with the backends' models.toml."""
+    if not cfg.models_file:
+        return {}
+    path = Path(cfg.models_file)
+    try:
+        models = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{source}: $.models_file: cannot read {path}: {exc}") from None
+    policy = models.get("policy", {})
+    if not isinstance(policy, dict):
+        raise ConfigError(f"{source}: $.models_file: {path} has no [policy] table")
+    return {str(k): str(v) for k, v in policy.items()}
+
+
+def _fail(source: str, field: str, message: str) -> ConfigError:
+    return ConfigError(f"{source}: {message} - at `$.{field}`")
+
+
+def validate(cfg: ShimConfig, source: str = "<config>") -> None:
+    """Checks beyond types: references, ranges and routing loops."""
+    if not cfg.backends:
+        raise _fail(source, "backends", "at least one backend is required")
+    for name, backend in cfg.backends.items():
+        if not backend.endpoints:
+            raise _fail(source, f"backends.{name}.endpoints", "at least one endpoint is required")
+        for i, endpoint in enumerate(backend.endpoints):
+            _check_endpoint(endpoint, source, f"backends.{name}.endpoints[{i}]")
+            for own, own_field in ((cfg.shim.listen, "shim.listen"),
+                                   (cfg.shim.health, "shim.health")):
+                if same_endpoint(own, endpoint):
+                    raise _fail(source, f"backends.{name}.endpoints[{i}]",
+                                f"{endpoint} is the shim's own {own_field} {own}: routing loop")
+        if backend.timeout_ms <= 0:
+            raise _fail(source, f"backends.{name}.timeout_ms", "must be positive")
+    for field in ("listen", "health", "admin"):
+        value = getattr(cfg.shim, field)
+        if value:
+            _check_endpoint(value, source, f"shim.{field}")
+    if cfg.shim.max_request_bytes <= 0:
+        raise _fail(source, "shim.max_request_bytes", "must be positive")
+    check_weights(cfg.routing.weights, cfg.backends, source, "routing.weights")
+    if cfg.routing.safe_backend not in cfg.backends:
+        raise _fail(source, "routing.safe_backend",
+                    f"unknown backend {cfg.routing.safe_backend!r}")
+    for action, rule in cfg.actions.items():
+        if action not in ACTIONS:
+            raise _fail(source, f"actions.{action}",
+                        f"unknown action (expected one of {', '.join(ACTIONS)})")
+        if rule.pin and rule.pin not in cfg.backends:
+            raise _fail(source, f"actions.{action}.pin", f"unknown backend {rule.pin!r}")
+        if rule.timeout_ms is not None and rule.timeout_ms <= 0:
+            raise _fail(source, f"actions.{action}.timeout_ms", "must be positive")
+    if not 0 <= cfg.shadow.percent <= 100:
+        raise _fail(source, "shadow.percent", "must be within 0..100")
+    if cfg.shadow.max_inflight < 1:
+        raise _fail(source, "shadow.max_inflight", "must be at least 1")
+
+
+def check_weights(weights: dict[str, float], backends: dict[str, BackendConfig] | set[str],
+                  source: str = "<weights>", field: str = "weights") -> None:
+    """Weights name known backends, are within 0..100 and are not all zero."""
+    for name, weight in weights.items():
+        if name not in backends:
+            raise _fail(source, f"{field}.{name}", f"unknown backend {name!r}")
+        if not 0 <= weight <= 100:
+            raise _fail(source, f"{field}.{name}", f"weight {weight} must be within 0..100")
+    if not any(w > 0 for w in weights.values()):
+        raise _fail(source, field, "weights must not all be zero")
+
+
+def _check_endpoint(endpoint: str, source: str, field: str) -> None:
+    if endpoint.startswith("ipc://") or endpoint.startswith("inproc://"):
+        return
+    if not endpoint.startswith("tcp://") or ":" not in endpoint[6:]:
+        raise _fail(source, field, f"{endpoint!r} is not a tcp://host:port or ipc:// endpoint")
+    port = endpoint.rsplit(":", 1)[1]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise _fail(source, field, f"{endpoint!r} has no valid port")
+
+
+_LOCAL_HOSTS = frozenset({"*", "0.0.0.0", "localhost", "127.0.0.1", "::1", "[::1]", "[::]", ""})
+
+
+def same_endpoint(bound: str, connect: str) -> bool:
+    """Would connecting to ``connect`` reach the socket bound on ``bound``?
+
+    A wildcard or loopback bind is reached by any local address with the same port; other
+    hosts are compared literally (we cannot resolve names here without the network).
+    """
+    if bound.startswith("tcp://") and connect.startswith("tcp://"):
+        b_host, _, b_port = bound[6:].rpartition(":")
+        c_host, _, c_port = connect[6:].rpartition(":")
+        if b_port != c_port:
+            return False
+        local = c_host in _LOCAL_HOSTS or c_host.startswith("127.")
+        return b_host in _LOCAL_HOSTS or b_host == c_host or (local and b_host.startswith("127."))
+    return bound == connect
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc://, inproc:// and tcp:// endpoints on a loopback address."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[6:].rpartition(":")[0]
+    return host in {"localhost", "::1", "[::1]"} or host.startswith("127.")
