@@ -1,0 +1,146 @@
+"""A running shim: the proxy, its health socket, probes, metrics and addons, started and
+stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from shim.config import ShimConfig
+from shim.health import HealthProber, HealthServer, vram_of
+from shim.metrics import Metrics
+from shim.proxy import Proxy
+
+log = logging.getLogger("mmshim")
+
+
+class Shim:
+    """Everything ``mmshim run`` starts, with one ``serve`` coroutine that owns it."""
+
+    def __init__(self, cfg: ShimConfig, config_path: Path | None = None, *,
+                 serve_metrics: bool = True, reset_state: bool = False) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.started = time.time()
+        self.metrics = Metrics()
+        self._serve_metrics = serve_metrics
+        self._reset_state = reset_state
+        self._stop = asyncio.Event()
+        self._reload_requested = False
+        self.ctx = zmq.asyncio.Context()
+        self._sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)
+        self.proxy: Proxy | None = None
+        self.prober: HealthProber | None = None
+        self.health: HealthServer | None = None
+        self.extras: list[Any] = []  # admin server, ownership, shadow: started and stopped with us
+
+    async def serve(self) -> int:
+        """Bind everything, serve until SIGTERM/SIGINT, drain, close. Returns an exit code."""
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        try:
+            self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics)
+            self.health = HealthServer(self.ctx, self.cfg.shim.health, self.describe_health)
+            self.prober = HealthProber(self.ctx, self.proxy.pool, self.cfg.health, self.metrics)
+            await self._start_extras()
+            if self._serve_metrics and self.cfg.shim.metrics:
+                self.metrics.serve(self.cfg.shim.metrics)
+        except Exception:
+            await self._close()
+            raise
+        self.prober.start()
+        self.health.start()
+        self.proxy.start()
+        log.info("mmshim listening on %s (health %s, metrics %s); weights %s, mode %s",
+                 self.cfg.shim.listen, self.cfg.shim.health, self.cfg.shim.metrics,
+                 self.proxy.runtime.weights, self.proxy.runtime.mode)
+        await self._stop.wait()
+        log.info("shutting down: draining %d requests in flight", self.proxy.inflight)
+        cut = await self.proxy.drain(self.cfg.shim.drain_timeout_s)
+        if cut:
+            log.warning("%d requests did not finish in time and got an error reply", cut)
+        await self._close()
+        return 0
+
+    async def _start_extras(self) -> None:
+        """Hook for addons and the admin socket (see shim.cli.build_shim)."""
+        for extra in self.extras:
+            start = getattr(extra, "start", None)
+            if start is not None:
+                result = start()
+                if asyncio.iscoroutine(result):
+                    await result
+
+    async def _close(self) -> None:
+        for extra in reversed(self.extras):
+            stop = getattr(extra, "stop", None)
+            if stop is not None:
+                result = stop()
+                if asyncio.iscoroutine(result):
+                    await result
+        if self.prober is not None:
+            await self.prober.stop()
+        if self.health is not None:
+            await self.health.stop()
+        if self.proxy is not None:
+            self.proxy.close()
+        self.ctx.destroy(linger=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    def describe_health(self) -> dict[str, Any]:
+        """The shim's health reply, in the MMA health shape, backends under ``details``."""
+        assert self.proxy is not None and self.prober is not None
+        rt = self.proxy.runtime
+        backends: dict[str, Any] = {}
+        used_total = budget_total = 0.0
+        for name, backend in self.proxy.pool.backends.items():
+            used, budget = vram_of(self.prober.last_reply.get(name, {}))
+            used_total += used or 0.0
+            budget_total += budget or 0.0
+            backends[name] = {
+                "healthy": backend.healthy,
+                "weight": rt.weights.get(name, 0.0),
+                "inflight": backend.inflight,
+                "vram_used_mb": used,
+                "vram_budget_mb": budget,
+            }
+        serving = any(b["healthy"] for b in backends.values())
+        return {
+            "status": "ok" if serving and self.proxy.accepting else "error",
+            "details": {
+                "status_message": "mmshim is proxying the model manager." if serving
+                else "No backend can serve requests.",
+                "uptime_seconds": round(time.time() - self.started, 3),
+                "mode": rt.mode,
+                "backends": backends,
+                "vram": {"used_mb": used_total, "budget_mb": budget_total},
+            },
+        }
+
+
+def build_shim(cfg: ShimConfig, config_path: Path | None = None, *,
+               reset_state: bool = False, serve_metrics: bool = True) -> Shim:
+    """A Shim with every addon this config asks for."""
+    return Shim(cfg, config_path, reset_state=reset_state, serve_metrics=serve_metrics)
+
+
+def run_shim(shim: Shim) -> int:
+    """Run a Shim on uvloop when it is installed, else on the default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(shim.serve())
+    return uvloop.run(shim.serve())

@@ -1,0 +1,169 @@
+"""``mmshim``: run the shim, check a config, run a reference backend, run the whole stack.
+
+Every subcommand is a function ``cmd_<name>(args) -> int``; ``main`` only dispatches.
+Errors a user can fix (bad config, endpoint in use) print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shim.config import ConfigError, ShimConfig, load_config
+
+DEFAULT_CONFIG = "config/shim.toml"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _load(path: str) -> ShimConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"mmshim: invalid config: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# -- run / check-config ----------------------------------------------------------------
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from shim.app import build_shim, run_shim
+    from shim.sockets import EndpointInUse
+
+    _setup_logging(args.log_level)
+    cfg = _load(args.config)
+    try:
+        shim = build_shim(cfg, Path(args.config), reset_state=args.reset_state)
+        return run_shim(shim)
+    except EndpointInUse as exc:
+        print(f"mmshim: {exc}", file=sys.stderr)
+        return 3
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.file)
+    weights = ", ".join(f"{k}={v:g}" for k, v in cfg.routing.weights.items())
+    print(f"{args.file}: ok ({len(cfg.backends)} backends; mode {cfg.routing.mode}; "
+          f"weights {weights})")
+    return 0
+
+
+# -- reference backends ----------------------------------------------------------------
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    if args.kind == "mma":
+        from backends import mma as service
+    else:
+        from backends import mms as service
+    return int(service.main(args.rest))
+
+
+def _port(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[1]
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    """The shim and both reference backends on the config's ports, stopped together."""
+    cfg = _load(args.config)
+    models = args.models or cfg.models_file
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    for name, backend in cfg.backends.items():
+        cmd = [sys.executable, "-m", f"backends.{backend.dialect}",
+               "--port", _port(backend.endpoints[0]), "--models", models]
+        if backend.health:
+            cmd += ["--health-port", _port(backend.health)]
+        procs.append((name, subprocess.Popen(cmd)))
+    shim_cmd = [sys.executable, "-m", "shim.cli", "run", "--config", args.config,
+                "--log-level", args.log_level]
+    procs.append(("shim", subprocess.Popen(shim_cmd)))
+    print(f"mmshim stack: shim on {cfg.shim.listen} (health {cfg.shim.health}), "
+          f"backends {', '.join(cfg.backends)}; Ctrl-C stops all", flush=True)
+
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = 0
+    while not stopping:
+        for name, proc in procs:
+            if proc.poll() is not None:
+                print(f"mmshim stack: {name} exited with {proc.returncode}; stopping all",
+                      file=sys.stderr)
+                code = proc.returncode or 1
+                stopping = True
+        time.sleep(0.2)
+    for _, proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for _, proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return code
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from shim.demo import run_demo
+
+    return run_demo(_load(args.config), args.endpoint, args.count)
+
+
+# -- dispatch --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmshim", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the shim")
+    p.add_argument("--config", default=os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("--reset-state", action="store_true",
+                   help="ignore the saved runtime state and start from the config file")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("backend", help="run a reference backend (mma or mms)")
+    p.add_argument("kind", choices=["mma", "mms"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the backend's own options")
+    p.set_defaults(func=cmd_backend)
+
+    p = sub.add_parser("stack", help="run the shim and both reference backends")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--models", default="")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("demo", help="send legacy traffic through a running shim")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--endpoint", default="", help="default: the config's listen port on loopback")
+    p.add_argument("--count", type=int, default=40)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

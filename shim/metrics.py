@@ -1,0 +1,60 @@
+"""Prometheus metrics, on a registry of the shim's own (no module-level globals).
+
+Label children are cached per label tuple by prometheus-client itself; the hot path
+only does a dict lookup and a locked increment.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0)
+
+
+class Metrics:
+    """Every metric the shim exports."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("shim_requests", "Requests answered, by backend, action and outcome",
+                                ["backend", "action", "outcome"], registry=r)
+        self.latency = Histogram("shim_request_latency_seconds", "Request latency in the shim",
+                                 ["backend", "action"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("shim_inflight", "Requests waiting for a backend",
+                              ["backend"], registry=r)
+        self.backend_up = Gauge("shim_backend_up", "1 when the backend is healthy",
+                                ["backend"], registry=r)
+        self.weight = Gauge("shim_weight_percent", "Current routing weight", ["backend"],
+                            registry=r)
+        self.bad_requests = Counter("shim_bad_requests", "Requests refused, by reason",
+                                    ["reason"], registry=r)
+        self.late_replies = Counter("shim_late_replies",
+                                    "Backend replies that matched no waiting request",
+                                    ["backend"], registry=r)
+        self.timeouts = Counter("shim_timeouts", "Backend requests that hit their deadline",
+                                ["backend"], registry=r)
+        self.unroutable = Counter("shim_unroutable_replies",
+                                  "Replies to clients that had gone away", registry=r)
+        self.failovers = Counter("shim_failovers", "Requests retried on another backend",
+                                 ["from_backend", "to_backend"], registry=r)
+        self.admin_denied = Counter("shim_admin_denied", "Admin requests refused", ["reason"],
+                                    registry=r)
+        self.admin_changes = Counter("shim_admin_changes", "Runtime changes applied",
+                                     ["command"], registry=r)
+        self.shadow = Counter("shim_shadow", "Shadow comparisons by outcome",
+                              ["action", "outcome"], registry=r)
+        self.duplicate_models = Counter("shim_duplicate_models",
+                                        "Models found loaded on two backends at once",
+                                        ["model"], registry=r)
+        self.handovers = Counter("shim_model_handovers", "Models moved between backends",
+                                 ["from_backend", "to_backend"], registry=r)
+        self.vram_used = Gauge("shim_backend_vram_used_mb", "VRAM used per backend ledger",
+                               ["backend"], registry=r)
+        self.vram_budget = Gauge("shim_backend_vram_budget_mb", "VRAM budget per backend ledger",
+                                 ["backend"], registry=r)
+
+    def serve(self, address: str) -> None:
+        """Expose /metrics over HTTP on ``host:port`` (a daemon thread)."""
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)

@@ -1,0 +1,254 @@
+"""Backend pool: DEALER sockets, correlation ids, deadlines.
+
+Per backend endpoint one DEALER socket carries many requests at once. Each request goes
+out as ``[correlation id, b"", payload]``; a REP or ROUTER backend hands the envelope
+back untouched, so the reply finds its waiting Future by id. A reply that finds no
+Future (it came after its deadline, or from a confused backend) is dropped and counted.
+A socket monitor notices a backend that went away and fails its requests at once
+instead of letting them run into their deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from shim.config import BackendConfig, HealthSection
+from shim.metrics import Metrics
+from shim.sockets import BatchReader, Frames
+
+log = logging.getLogger("mmshim.pool")
+
+
+class BackendError(Exception):
+    """A request did not get a usable reply from a backend."""
+
+    code = "SHIM_BACKEND_ERROR"
+
+
+class BackendUnavailable(BackendError):
+    """No endpoint of the backend is connected (or its queue is full): nothing was sent."""
+
+    code = "SHIM_NO_BACKEND"
+
+
+class BackendLost(BackendError):
+    """The connection dropped while the request was in flight."""
+
+    code = "SHIM_BACKEND_LOST"
+
+
+class BackendTimeout(BackendError):
+    """No reply before the deadline."""
+
+    code = "SHIM_TIMEOUT"
+
+
+class BackendBadReply(BackendError):
+    """The reply's frames were not ``[id, b"", payload]``."""
+
+    code = "SHIM_BAD_REPLY"
+
+
+@dataclass(slots=True)
+class Pending:
+    future: asyncio.Future[bytes]
+    endpoint: Endpoint
+    timer: asyncio.TimerHandle
+
+
+@dataclass(eq=False, slots=True)
+class Endpoint:
+    """One connected DEALER socket and what is outstanding on it."""
+
+    address: str
+    backend: Backend
+    sock: zmq.Socket[bytes]
+    reader: BatchReader | None = None
+    monitor: zmq.Socket[bytes] | None = None
+    monitor_reader: BatchReader | None = None
+    connected: bool = False
+    outstanding: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    """A model manager as the pool sees it: endpoints and health."""
+
+    name: str
+    config: BackendConfig
+    endpoints: list[Endpoint] = field(default_factory=list)
+    #: Set by the active health prober.
+    probe_ok: bool = True
+    #: Request failures in a row (timeouts, lost connections); reset by any reply.
+    failures: int = 0
+    failure_limit: int = 3
+    last_failure: float = 0.0  # time.monotonic()
+
+    def record_failure(self) -> None:
+        self.failures += 1
+        self.last_failure = time.monotonic()
+
+    @property
+    def dialect(self) -> str:
+        return self.config.dialect
+
+    @property
+    def inflight(self) -> int:
+        return sum(e.outstanding for e in self.endpoints)
+
+    @property
+    def connected(self) -> bool:
+        return any(e.connected for e in self.endpoints)
+
+    @property
+    def healthy(self) -> bool:
+        """Worth sending to: probes pass, requests are not failing, a peer is connected."""
+        return self.probe_ok and self.failures < self.failure_limit and self.connected
+
+
+class BackendPool:
+    """Sends requests to backends and matches their replies."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ctx: zmq.Context[zmq.Socket[bytes]],
+                 backends: dict[str, BackendConfig], health: HealthSection,
+                 metrics: Metrics) -> None:
+        self._loop = loop
+        self._ctx = ctx
+        self._metrics = metrics
+        self._ids = itertools.count(1)
+        self._pending: dict[bytes, Pending] = {}
+        self.backends: dict[str, Backend] = {}
+        for name, cfg in backends.items():
+            backend = Backend(name, cfg, failure_limit=health.request_failures)
+            for address in cfg.endpoints:
+                backend.endpoints.append(self._connect(backend, address))
+            self.backends[name] = backend
+
+    def _connect(self, backend: Backend, address: str) -> Endpoint:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not there
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        endpoint = Endpoint(address, backend, sock)
+        endpoint.monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        sock.connect(address)
+        endpoint.reader = BatchReader(self._loop, sock, lambda f: self._on_reply(endpoint, f))
+        endpoint.monitor_reader = BatchReader(
+            self._loop, endpoint.monitor, lambda f: self._on_monitor(endpoint, f), batch=16)
+        endpoint.reader.start()
+        endpoint.monitor_reader.start()
+        return endpoint
+
+    # -- sending ---------------------------------------------------------------------
+
+    def request(self, backend_name: str, payload: bytes, timeout_s: float) -> asyncio.Future[bytes]:
+        """Send ``payload`` to the least busy connected endpoint; the Future gets the reply.
+
+        Raises BackendUnavailable at once when nothing could be sent, so the caller can
+        fail over without waiting.
+        """
+        backend = self.backends[backend_name]
+        endpoint = min((e for e in backend.endpoints if e.connected),
+                       key=lambda e: e.outstanding, default=None)
+        if endpoint is None:
+            raise BackendUnavailable(f"backend {backend_name} is not connected")
+        corr = next(self._ids).to_bytes(8, "big")
+        try:
+            endpoint.sock.send_multipart((corr, b"", payload), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            raise BackendUnavailable(f"backend {backend_name}: cannot send ({exc})") from None
+        assert endpoint.reader is not None
+        endpoint.reader.kick()
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        timer = self._loop.call_later(timeout_s, self._expire, corr)
+        self._pending[corr] = Pending(future, endpoint, timer)
+        endpoint.outstanding += 1
+        return future
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _on_reply(self, endpoint: Endpoint, frames: Frames) -> None:
+        pending = self._pending.pop(frames[0], None) if frames else None
+        if pending is None:
+            self._metrics.late_replies.labels(endpoint.backend.name).inc()
+            return
+        self._settle(pending)
+        endpoint.backend.failures = 0
+        if pending.future.done():  # its caller gave up (cancelled)
+            return
+        if len(frames) != 3 or frames[1]:
+            pending.future.set_exception(BackendBadReply(
+                f"backend {endpoint.backend.name} sent {len(frames)} frames, expected 3"))
+        else:
+            pending.future.set_result(frames[2])
+
+    def _expire(self, corr: bytes) -> None:
+        pending = self._pending.pop(corr, None)
+        if pending is None:
+            return
+        self._settle(pending)
+        backend = pending.endpoint.backend
+        backend.record_failure()
+        self._metrics.timeouts.labels(backend.name).inc()
+        if not pending.future.done():
+            pending.future.set_exception(BackendTimeout(f"backend {backend.name} did not answer in time"))
+
+    def _settle(self, pending: Pending) -> None:
+        pending.timer.cancel()
+        pending.endpoint.outstanding -= 1
+
+    def _on_monitor(self, endpoint: Endpoint, frames: Frames) -> None:
+        event = parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            endpoint.connected = True
+            log.info("backend %s connected at %s", endpoint.backend.name, endpoint.address)
+        elif event == zmq.EVENT_DISCONNECTED:
+            endpoint.connected = False
+            log.warning("backend %s disconnected at %s", endpoint.backend.name, endpoint.address)
+            self._fail_endpoint(endpoint)
+
+    def _fail_endpoint(self, endpoint: Endpoint) -> None:
+        """The peer is gone: its requests will never be answered, fail them now."""
+        lost = [corr for corr, p in self._pending.items() if p.endpoint is endpoint]
+        if lost:
+            endpoint.backend.record_failure()
+        for corr in lost:
+            pending = self._pending.pop(corr)
+            self._settle(pending)
+            if not pending.future.done():
+                pending.future.set_exception(BackendLost(
+                    f"backend {endpoint.backend.name} went away with the request in flight"))
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Fail what is pending and close every socket."""
+        for corr in list(self._pending):
+            pending = self._pending.pop(corr)
+            self._settle(pending)
+            if not pending.future.done():
+                pending.future.set_exception(BackendUnavailable("shim shutting down"))
+        for backend in self.backends.values():
+            for endpoint in backend.endpoints:
+                for reader in (endpoint.reader, endpoint.monitor_reader):
+                    if reader is not None:
+                        reader.stop()
+                endpoint.sock.disable_monitor()
+                if endpoint.monitor is not None:
+                    endpoint.monitor.close(0)
+                endpoint.sock.close(0)

@@ -1,0 +1,307 @@
+"""The data path, top to bottom: frontend -> decode -> route -> translate -> backend -> reply.
+
+Every request that comes in through the frontend ROUTER leaves through it exactly once:
+with the backend's reply, or with the shim's own error reply, before the request's
+deadline. Behaviour beyond moving requests (model ownership, shadowing) plugs in as
+addons with three hooks, so the core stays readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+import msgspec
+import zmq
+
+from shim import dialects
+from shim.config import ShimConfig
+from shim.dialects.ops import Form, Op
+from shim.metrics import Metrics
+from shim.pool import BackendBadReply, BackendError, BackendPool
+from shim.routing import bucket_of, random_bucket
+from shim.runtime import Rule, Runtime, runtime_from_config
+from shim.sockets import BatchReader, Frames, bind_or_explain
+
+log = logging.getLogger("mmshim.proxy")
+
+_decode = msgspec.json.decode
+_encode = msgspec.json.encode
+
+
+class Addon(Protocol):
+    """A behaviour plugged into the data path (see shim.ownership, shim.shadow)."""
+
+    def route(self, op: Op, candidates: list[str]) -> list[str]:
+        """Reorder or narrow the backends a request may go to."""
+        ...
+
+    def before_send(self, op: Op, backend: str) -> Awaitable[None] | None:
+        """Something to wait for before the request goes out (bounded by the caller)."""
+        ...
+
+    def after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
+                    rt: Runtime) -> None:
+        """See a successful exchange, after the client has its reply."""
+        ...
+
+
+class ShimReply(Exception):
+    """Answer the client with the shim's own error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Proxy:
+    """Owns the frontend socket, the backend pool and the runtime config."""
+
+    def __init__(self, cfg: ShimConfig, loop: asyncio.AbstractEventLoop,
+                 ctx: zmq.Context[zmq.Socket[bytes]], metrics: Metrics) -> None:
+        self.cfg = cfg
+        self.policy = cfg.policy
+        self.runtime: Runtime = runtime_from_config(cfg)
+        self.metrics = metrics
+        self.addons: list[Addon] = []
+        self._loop = loop
+        self._max_bytes = cfg.shim.max_request_bytes
+        self._forward_opaque = cfg.shim.opaque == "forward"
+        self._sticky_key = cfg.routing.sticky_key
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.accepting = True
+        #: Every request in is a reply out, a reply to a vanished client, or unanswerable.
+        self.counts = {"requests": 0, "replies": 0, "unroutable": 0, "unanswerable": 0}
+
+        self.frontend = ctx.socket(zmq.ROUTER)
+        self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.frontend.setsockopt(zmq.SNDHWM, 100_000)
+        self.frontend.setsockopt(zmq.RCVHWM, 100_000)
+        bind_or_explain(self.frontend, cfg.shim.listen, "listen")
+        self._reader = BatchReader(loop, self.frontend, self._on_frames)
+        self.pool = BackendPool(loop, ctx, cfg.backends, cfg.health, metrics)
+        self.set_runtime(self.runtime)
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def set_runtime(self, rt: Runtime) -> None:
+        """Swap the runtime config; requests already routed keep what they had."""
+        self.runtime = rt
+        for name in self.pool.backends:
+            self.metrics.weight.labels(name).set(rt.weights.get(name, 0.0))
+
+    # -- 1. frontend -----------------------------------------------------------------
+
+    def _on_frames(self, frames: Frames) -> None:
+        """One multipart message from a client: ``[identity..., b"", payload]``."""
+        self.counts["requests"] += 1
+        try:
+            split = frames.index(b"", 1)
+        except ValueError:
+            # A DEALER that sent no delimiter: answer it the way it can read.
+            self._bad_request(frames[:1] + [b""], "envelope", "missing empty delimiter frame")
+            return
+        envelope, body = frames[: split + 1], frames[split + 1 :]
+        if len(body) != 1:
+            self._bad_request(envelope, "frames", f"expected one payload frame, got {len(body)}")
+        elif len(body[0]) > self._max_bytes:
+            self._bad_request(envelope, "too_large",
+                              f"request of {len(body[0])} bytes exceeds {self._max_bytes}")
+        elif not self.accepting:
+            self._reply_error(envelope, None, "SHIM_SHUTTING_DOWN", "the shim is shutting down")
+        else:
+            task = self._loop.create_task(self._handle(envelope, body[0]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _send(self, envelope: Frames, reply: bytes) -> None:
+        try:
+            self.frontend.send_multipart([*envelope, reply], zmq.NOBLOCK)
+            self.counts["replies"] += 1
+        except zmq.ZMQError:
+            # ROUTER_MANDATORY: the client has gone (or is not reading); count, move on.
+            self.counts["unroutable"] += 1
+            self.metrics.unroutable.inc()
+        self._reader.kick()
+
+    def _bad_request(self, envelope: Frames, reason: str, message: str) -> None:
+        self.metrics.bad_requests.labels(reason).inc()
+        self._reply_error(envelope, None, "SHIM_BAD_REQUEST", message)
+
+    def _reply_error(self, envelope: Frames, msg: object, code: str, message: str) -> None:
+        form = dialects.form_of(msg)
+        self._send(envelope, _encode(dialects.error_reply(form, code, message, _as_dict(msg))))
+
+    # -- 2..5. one request -----------------------------------------------------------
+
+    async def _handle(self, envelope: Frames, payload: bytes) -> None:
+        started = time.perf_counter()
+        rt = self.runtime  # read once: a concurrent change applies to the next request
+        msg: object = None
+        backend, action, outcome = "none", "unknown", "ok"
+        try:
+            try:
+                msg = _decode(payload)
+            except msgspec.DecodeError:
+                if not self._forward_opaque:
+                    self.metrics.bad_requests.labels("not_json").inc()
+                    raise ShimReply("SHIM_BAD_REQUEST", "request is not valid JSON") from None
+                backend, reply = await self._forward_opaque_bytes(rt, payload, started)
+                self._send(envelope, reply)
+                return
+            if not isinstance(msg, dict):
+                self.metrics.bad_requests.labels("not_object").inc()
+                raise ShimReply("SHIM_BAD_REQUEST", "request must be a JSON object")
+            try:
+                op = dialects.parse_request(msg, self.policy)
+            except dialects.BadRequest as exc:
+                self.metrics.bad_requests.labels("unparsable").inc()
+                raise ShimReply("SHIM_BAD_REQUEST", str(exc)) from None
+            action = op.kind.value
+            rule = rt.rules[action]
+            deadline = started + rule.timeout_ms / 1000
+            candidates = self._route(rt, op, msg, rule)
+            backend, reply = await self._forward(rt, op, payload, candidates, rule, deadline)
+            self._send(envelope, reply)
+            for addon in self.addons:
+                addon.after_reply(op, backend, payload, reply, rt)
+        except ShimReply as exc:
+            outcome = exc.code
+            self._reply_error(envelope, msg, exc.code, exc.message)
+        except asyncio.CancelledError:
+            outcome = "SHIM_SHUTTING_DOWN"
+            self._reply_error(envelope, msg, outcome, "the shim shut down before a reply came")
+            raise
+        except Exception as exc:  # a bug must cost one error reply, never the shim
+            log.exception("internal error handling a request")
+            outcome = "SHIM_INTERNAL"
+            self._reply_error(envelope, msg, outcome, f"internal error: {exc}")
+        finally:
+            self.metrics.requests.labels(backend, action, outcome).inc()
+            self.metrics.latency.labels(backend, action).observe(time.perf_counter() - started)
+
+    def _route(self, rt: Runtime, op: Op, msg: dict[str, Any], rule: Rule) -> list[str]:
+        """Backends to try, in order: pin, else weights (sticky), then failover."""
+        backends = self.pool.backends
+        if rule.pin:
+            candidates = [rule.pin]
+        else:
+            key = msg.get(self._sticky_key) if self._sticky_key else None
+            bucket = bucket_of(str(key)) if key is not None else random_bucket()
+            primary = rt.table.backend_for(bucket)
+            candidates = [primary, *(n for n in rt.table.names if n != primary)]
+        for addon in self.addons:
+            candidates = addon.route(op, candidates)
+        if rule.failover:  # healthy backends first, the others only as a last resort
+            candidates = sorted(candidates, key=lambda n: not backends[n].healthy)
+        return candidates
+
+    async def _forward(self, rt: Runtime, op: Op, payload: bytes, candidates: list[str],
+                       rule: Rule, deadline: float) -> tuple[str, bytes]:
+        """Send to the first candidate that can serve the request; fail over if allowed.
+
+        A candidate whose dialect has no equivalent of the operation is skipped whatever
+        the rule says; one that fails is left for the next only when failover is allowed.
+        """
+        last: ShimReply = ShimReply("SHIM_NO_BACKEND", "no backend is available")
+        for i, name in enumerate(candidates):
+            backend = self.pool.backends[name]
+            translate = rule.translate and op.dialect != backend.dialect
+            if translate:
+                try:
+                    requests = [_encode(r) for r in
+                                dialects.render_request(op, backend.dialect, self.policy)]
+                except dialects.Unsupported as exc:
+                    last = ShimReply("SHIM_UNSUPPORTED", f"{name} cannot serve this: {exc}")
+                    continue
+            else:
+                requests = [payload]
+            for addon in self.addons:
+                waiting = addon.before_send(op, name)
+                if waiting is not None:
+                    await _bounded(waiting, deadline)
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise ShimReply("SHIM_TIMEOUT", "deadline passed before a backend was free")
+            timeout = min(remaining, backend.config.timeout_ms / 1000)
+            try:
+                replies = await asyncio.gather(
+                    *[self.pool.request(name, r, timeout) for r in requests])
+            except BackendError as exc:
+                last = ShimReply(exc.code, str(exc))
+                if rule.failover and i + 1 < len(candidates):
+                    self.metrics.failovers.labels(name, candidates[i + 1]).inc()
+                    continue
+                raise last from None
+            if not translate:
+                return name, replies[0]
+            return name, self._translate_reply(op, backend.dialect, replies)
+        raise last
+
+    def _translate_reply(self, op: Op, dialect: str, replies: list[bytes]) -> bytes:
+        decoded: list[dict[str, Any]] = []
+        for raw in replies:
+            try:
+                value = _decode(raw)
+            except msgspec.DecodeError:
+                raise ShimReply(BackendBadReply.code, "backend reply is not valid JSON") from None
+            decoded.append(value if isinstance(value, dict) else {"error": "reply not an object"})
+        result = dialects.parse_reply(op, dialect, decoded)
+        return _encode(dialects.render_reply(op, result))
+
+    async def _forward_opaque_bytes(self, rt: Runtime, payload: bytes,
+                                    started: float) -> tuple[str, bytes]:
+        """``opaque = "forward"``: undecodable bytes go to the weighted primary as they are."""
+        name = rt.table.backend_for(random_bucket())
+        timeout = self.cfg.shim.default_timeout_ms / 1000 - (time.perf_counter() - started)
+        try:
+            return name, await self.pool.request(name, payload, timeout)
+        except BackendError as exc:
+            raise ShimReply(exc.code, str(exc)) from None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop accepting, let requests in flight finish, answer the rest with errors.
+
+        Returns how many had to be cut short.
+        """
+        self.accepting = False
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        cut = list(self._tasks)
+        for task in cut:
+            task.cancel()
+        if cut:
+            await asyncio.wait(cut, timeout=1.0)
+        return len(cut)
+
+    def close(self) -> None:
+        self._reader.stop()
+        self.pool.close()
+        self.frontend.close(0)
+
+
+def _as_dict(msg: object) -> dict[str, Any] | None:
+    return msg if isinstance(msg, dict) else None
+
+
+async def _bounded(waiting: Awaitable[None], deadline: float) -> None:
+    remaining = deadline - time.perf_counter()
+    try:
+        await asyncio.wait_for(waiting, max(0.0, remaining))
+    except TimeoutError:
+        raise ShimReply("SHIM_TIMEOUT", "timed out waiting for a model hand-over") from None
+
+
+__all__ = ["Addon", "Form", "Proxy", "ShimReply"]

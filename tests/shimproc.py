@@ -1,0 +1,156 @@
+"""Start the shim and fake backends as real processes on free loopback ports.
+
+``start_fake`` runs tests/fakes.py; ``start_shim`` writes a JSON config (the shim reads
+JSON as well as TOML) pointing at the given backends and waits until the shim's health
+socket answers. Both return objects with ``.stop()`` and ``.kill()``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from tests.procs import Proc, free_port, req
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Fake:
+    """A fake backend process and where it listens."""
+
+    proc: Proc
+    name: str
+    dialect: str
+    port: int
+    health_port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    @property
+    def health_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.health_port}"
+
+    def stop(self) -> int:
+        return self.proc.stop()
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def start_fake(name: str, dialect: str = "mma", mode: str = "ok", *, delay_ms: int = 0,
+               port: int | None = None, health_port: int | None = None) -> Fake:
+    port = port or free_port()
+    health_port = health_port or free_port()
+    proc = Proc([sys.executable, "-m", "tests.fakes", "--name", name, "--dialect", dialect,
+                 "--port", str(port), "--health-port", str(health_port), "--mode", mode,
+                 "--delay-ms", str(delay_ms)], cwd=ROOT)
+    fake = Fake(proc, name, dialect, port, health_port)
+    req(fake.health_endpoint, b"ping", timeout=10.0)
+    return fake
+
+
+@dataclass
+class ShimProc:
+    """A running ``mmshim run`` and its endpoints."""
+
+    proc: Proc
+    config_path: Path
+    port: int
+    health_port: int
+    metrics_port: int
+    admin_port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    @property
+    def health_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.health_port}"
+
+    @property
+    def admin_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.admin_port}"
+
+    def health(self) -> dict[str, Any]:
+        return req(self.health_endpoint, b"?", timeout=5.0)
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                    timeout=5) as resp:
+            return str(resp.read().decode())
+
+    def stop(self) -> int:
+        return self.proc.stop(timeout=10.0)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+def shim_config(backends: dict[str, Any], tmp_path: Path, **sections: Any) -> dict[str, Any]:
+    """A config dict for ``backends`` ({name: Fake or Backend-like or dict}) on free ports."""
+    cfg: dict[str, Any] = {
+        "shim": {"listen": f"tcp://127.0.0.1:{free_port()}",
+                 "health": f"tcp://127.0.0.1:{free_port()}",
+                 "metrics": f"127.0.0.1:{free_port()}",
+                 "admin": f"tcp://127.0.0.1:{free_port()}",
+                 "state_file": str(tmp_path / "state.json")},
+        "backends": {},
+        "health": {"interval_ms": 200, "timeout_ms": 200},
+        "policy": {"fast": "phi-2", "quality": "mistral-7b", "fallback": "tinyllama",
+                   "stt": "whisper-small", "tts": "piper-tts"},
+        "shadow": {"diff_log": str(tmp_path / "diffs.jsonl")},
+    }
+    for name, b in backends.items():
+        if isinstance(b, dict):
+            cfg["backends"][name] = b
+        else:
+            cfg["backends"][name] = {"dialect": b.dialect, "endpoints": [b.endpoint],
+                                     "health": b.health_endpoint}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def start_shim(cfg: dict[str, Any], tmp_path: Path, *, extra_args: tuple[str, ...] = (),
+               env: dict[str, str] | None = None, wait: bool = True) -> ShimProc:
+    path = tmp_path / f"shim-{free_port()}.json"
+    path.write_text(json.dumps(cfg))
+    proc = Proc([sys.executable, "-m", "shim.cli", "run", "--config", str(path),
+                 "--log-level", "warning", *extra_args], cwd=ROOT, env=env)
+    s = cfg["shim"]
+    shim = ShimProc(proc, path, int(s["listen"].rsplit(":", 1)[1]),
+                    int(s["health"].rsplit(":", 1)[1]), int(s["metrics"].rsplit(":", 1)[1]),
+                    int(s["admin"].rsplit(":", 1)[1]))
+    if wait:
+        try:
+            req(shim.health_endpoint, b"?", timeout=10.0)
+        except Exception as exc:
+            shim.kill()
+            raise RuntimeError(f"shim did not start: {exc}\n{proc.log()}") from None
+    return shim
+
+
+def request(endpoint: str, obj: Any, timeout: float = 6.0) -> dict[str, Any]:
+    """One request over a fresh REQ socket (what most legacy agents do)."""
+    return req(endpoint, obj, timeout=timeout)
+
+
+def dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
