@@ -1,0 +1,459 @@
+"""The MMA dialect (legacy ModelManagerAgent): parse its requests, speak it to MMA, answer in it.
+
+MMA has three request forms with three reply styles: ``{"action": ...}`` (lower-case
+``ok``/``error``), ``{"command": ...}`` (upper-case ``SUCCESS``/``ERROR``) and the model
+access request with neither key (``MODEL_READY``/``ERROR_LOADING_MODEL``). An MMA caller's
+request goes to an MMA backend unchanged; this module also renders MMS callers' requests
+for an MMA backend where MMA has an equivalent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from shim.dialects.ops import (
+    NO_PARAMS,
+    AccessInfo,
+    BadRequest,
+    Form,
+    Kind,
+    Malformed,
+    ModelInfo,
+    Op,
+    Params,
+    Result,
+    Unsupported,
+    error_text,
+    get_bool,
+    get_dict,
+    get_int,
+    get_num,
+    get_str,
+    get_timestamp,
+    req_dict,
+    req_str,
+    request_id_of,
+)
+
+MMS_DEFAULT_MAX_TOKENS = 1024
+"""generate_text's default: sent explicitly so an MMS caller keeps its semantics on MMA."""
+
+_ACTIONS = {
+    "generate": Kind.GENERATE,
+    "clear_conversation": Kind.CLEAR_CONVERSATION,
+    "status": Kind.STATUS,
+}
+_COMMANDS = {
+    "GET_LOADED_MODELS_STATUS": Kind.LOADED_STATUS,
+    "LOAD_MODEL": Kind.LOAD,
+    "UNLOAD_MODEL": Kind.UNLOAD,
+    "HEALTH_CHECK": Kind.HEALTH,
+}
+# The MMA request an MMS caller's operation becomes. MMA's HEALTH_CHECK says only "ok";
+# its status action carries the totals that MMS health_check and list_models report.
+_FROM_MMS = {
+    Kind.GENERATE: Kind.GENERATE,
+    Kind.LOAD: Kind.LOAD,
+    Kind.UNLOAD: Kind.UNLOAD,
+    Kind.LOADED_STATUS: Kind.LOADED_STATUS,
+    Kind.HEALTH: Kind.STATUS,
+    Kind.LIST_MODELS: Kind.STATUS,
+}
+# Actions answer "ok", commands "SUCCESS"; either is read as success wherever it comes,
+# and the reply rendered for the caller uses the one its form documents.
+_SUCCESS = frozenset({"ok", "SUCCESS", "success"})
+
+
+def resolve_pref(pref: str, policy: Mapping[str, str]) -> str | None:
+    """The model for a load policy name; an unknown name falls back to ``fast``, as in MMA."""
+    model = policy.get(pref)
+    return model if model is not None else policy.get("fast")
+
+
+# --- requests -----------------------------------------------------------------------
+
+
+def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
+    """Parse an MMA request (``action`` first, then ``command``, else model access)."""
+    if "action" in msg:
+        name = msg["action"]
+        if not isinstance(name, str):
+            raise BadRequest(f"'action' must be a string, got {type(name).__name__}")
+        kind = _ACTIONS.get(name, Kind.OTHER)
+        op = Op(kind=kind, form=Form.ACTION, dialect="mma", raw=msg, policy=policy, name=name,
+                request_id=request_id_of(msg))
+        if kind is Kind.GENERATE:
+            pref = msg.get("model_pref", "fast")
+            if not isinstance(pref, str):
+                raise BadRequest(f"'model_pref' must be a string, got {type(pref).__name__}")
+            op.model_pref = pref
+            op.model_id = resolve_pref(pref, policy)
+            op.prompt = req_str(msg, "prompt")
+            op.params = _params(msg)
+            op.conversation_id = req_str(msg, "conversation_id")
+        elif kind is Kind.CLEAR_CONVERSATION:
+            op.conversation_id = req_str(msg, "conversation_id")
+        return op
+    if "command" in msg:
+        name = msg["command"]
+        if not isinstance(name, str):
+            raise BadRequest(f"'command' must be a string, got {type(name).__name__}")
+        kind = _COMMANDS.get(name, Kind.OTHER)
+        op = Op(kind=kind, form=Form.COMMAND, dialect="mma", raw=msg, policy=policy, name=name,
+                request_id=request_id_of(msg))
+        if kind is Kind.LOAD or kind is Kind.UNLOAD:
+            # Agents send model_name; some send model_id instead.
+            op.model_id = req_str(msg, "model_name") or req_str(msg, "model_id")
+            op.quantization = req_str(msg, "quantization_level")
+        return op
+    context = req_dict(msg, "context") or {}
+    return Op(kind=Kind.MODEL_ACCESS, form=Form.MODEL_ACCESS, dialect="mma", raw=msg,
+              policy=policy, request_id=request_id_of(msg),
+              model_id=req_str(msg, "model_id") or None,  # "" is as missing, as in MMA
+              quantization=req_str(context, "quantization_level"),
+              priority=req_str(context, "priority"))
+
+
+def _params(msg: Mapping[str, Any]) -> Params:
+    raw = req_dict(msg, "params")
+    if not raw:
+        return NO_PARAMS
+    try:
+        return msgspec.convert(raw, Params)
+    except (msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise BadRequest(f"params: {exc}") from None
+
+
+_NEEDS_MODEL = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD})
+
+
+def local_result(op: Op) -> Result | None:
+    """The failure an MMS caller's request gets without asking MMA, or None.
+
+    MMA names models by preference only; without a model id there is nothing to send.
+    """
+    if op.dialect == "mms" and op.model_id is None and op.kind in _NEEDS_MODEL:
+        return Result(ok=False, message="Missing 'model_id' field")
+    return None
+
+
+def _shape(op: Op) -> Kind:
+    """Which MMA request serves ``op``: its own kind for an MMA caller."""
+    if op.dialect == "mma":
+        return op.kind
+    shape = _FROM_MMS.get(op.kind)
+    if shape is None:
+        raise Unsupported(f"MMA has no equivalent of MMS action {op.name!r}")
+    return shape
+
+
+def render_request(op: Op, policy: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The MMA request for an MMS caller's operation (an MMA caller's goes as it came)."""
+    if op.dialect == "mma":
+        return [op.raw]
+    shape = _shape(op)
+    if local_result(op) is not None:
+        return []
+    if shape is Kind.GENERATE:
+        pref = next((p for p, model in policy.items() if model == op.model_id), None)
+        if pref is None:
+            raise Unsupported(f"MMA picks models by preference and no preference maps to "
+                              f"{op.model_id!r}")
+        p = op.params
+        params: dict[str, Any] = {
+            "max_tokens": p.max_tokens if p.max_tokens is not None else MMS_DEFAULT_MAX_TOKENS}
+        if p.temperature is not None:
+            params["temperature"] = p.temperature
+        if p.top_p is not None:
+            params["top_p"] = p.top_p
+        if p.stop is not None:
+            params["stop"] = p.stop
+        req: dict[str, Any] = {"action": "generate", "model_pref": pref, "params": params}
+        if op.prompt is not None:  # else MMA answers "Missing 'prompt' field" itself
+            # MMA has no system prompt: it leads the prompt, as a chat template would put it.
+            req["prompt"] = (f"{p.system_prompt}\n\n{op.prompt}" if p.system_prompt
+                             else op.prompt)
+        if op.conversation_id is not None:
+            req["conversation_id"] = op.conversation_id
+        return [req]
+    if shape is Kind.LOAD:
+        return [{"command": "LOAD_MODEL", "model_name": op.model_id}]
+    if shape is Kind.UNLOAD:
+        return [{"command": "UNLOAD_MODEL", "model_name": op.model_id}]
+    if shape is Kind.LOADED_STATUS:
+        return [{"command": "GET_LOADED_MODELS_STATUS"}]
+    return [{"action": "status"}]
+
+
+# --- replies ------------------------------------------------------------------------
+
+
+def parse_reply(op: Op, replies: list[Any]) -> Result:
+    """Read MMA's reply to the request ``render_request`` made for ``op``.
+
+    Raises Malformed (or Unsupported) for a reply that cannot be read; the caller turns
+    those into a failed Result.
+    """
+    local = local_result(op)
+    if local is not None:
+        return local
+    shape = _shape(op)
+    if len(replies) != 1:
+        raise Malformed(f"expected 1 MMA reply, got {len(replies)}")
+    reply = replies[0]
+    if not isinstance(reply, dict):
+        raise Malformed("MMA reply is not a JSON object")
+    status = reply.get("status")
+    if shape is Kind.OTHER:
+        return Result(ok=status in _SUCCESS, source="mma", raw=replies)
+    if shape is Kind.MODEL_ACCESS:
+        return _access(op, reply, replies)
+    if status in _SUCCESS:
+        result = Result(ok=True, source="mma", raw=replies)
+        _READERS[shape](op, reply, result)
+        return result
+    if status in ("error", "ERROR") or "error_message" in reply:
+        return Result(ok=False, source="mma", raw=replies,
+                      message=error_text(reply, "MMA reported an error"))
+    raise Malformed(f"unexpected status {status!r}")
+
+
+def _read_generate(op: Op, reply: dict[str, Any], r: Result) -> None:
+    r.text = get_str(reply, "response_text")
+    if r.text is None:
+        raise Malformed("generate reply has no 'response_text'")
+    r.model_id = get_str(reply, "model_used") or op.model_id
+    r.conversation_id = get_str(reply, "conversation_id")
+    r.timestamp = get_timestamp(reply)
+
+
+def _read_clear(op: Op, reply: dict[str, Any], r: Result) -> None:
+    r.message = get_str(reply, "message")
+    r.conversation_id = get_str(reply, "conversation_id")
+
+
+def _read_loaded(op: Op, reply: dict[str, Any], r: Result) -> None:
+    models = get_dict(reply, "loaded_models")
+    if models is None:
+        raise Malformed("reply has no 'loaded_models'")
+    loaded: dict[str, ModelInfo] = {}
+    for model_id, entry in models.items():
+        if not isinstance(entry, dict):
+            raise Malformed(f"loaded_models[{model_id!r}] is not an object")
+        active = get_bool(entry, "is_active")
+        loaded[model_id] = ModelInfo(
+            vram_mb=get_num(entry, "vram_usage_mb") or 0,
+            last_used=get_num(entry, "last_used"),
+            device=get_str(entry, "device") or "unknown",
+            quantization=get_str(entry, "quantization") or "unknown",
+            is_active=True if active is None else active,
+        )
+    r.loaded_models = loaded
+    r.total_models = get_int(reply, "total_models")
+    r.vram_used_mb = get_num(reply, "total_vram_used_mb")
+    r.vram_budget_mb = get_num(reply, "total_vram_mb")
+
+
+def _read_status(op: Op, reply: dict[str, Any], r: Result) -> None:
+    _read_loaded(op, reply, r)
+    r.routing_policy = get_dict(reply, "routing_policy")
+    r.health = get_str(reply, "health")
+    r.timestamp = get_timestamp(reply)
+
+
+def _read_load(op: Op, reply: dict[str, Any], r: Result) -> None:
+    r.loaded = True
+    r.model_id = op.model_id
+    r.message = get_str(reply, "message")
+
+
+def _read_health(op: Op, reply: dict[str, Any], r: Result) -> None:
+    r.health = get_str(reply, "health")
+
+
+_READERS = {
+    Kind.GENERATE: _read_generate,
+    Kind.CLEAR_CONVERSATION: _read_clear,
+    Kind.STATUS: _read_status,
+    Kind.LOADED_STATUS: _read_loaded,
+    Kind.LOAD: _read_load,
+    Kind.UNLOAD: _read_load,
+    Kind.HEALTH: _read_health,
+}
+
+
+def _access(op: Op, reply: dict[str, Any], replies: list[Any]) -> Result:
+    status = reply.get("status")
+    rid = request_id_of(reply)
+    result = Result(ok=status == "MODEL_READY", source="mma", raw=replies,
+                    request_id=rid if rid is not None else op.request_id,
+                    model_id=get_str(reply, "model_id") or op.model_id,
+                    timestamp=get_timestamp(reply))
+    if result.ok:
+        info = get_dict(reply, "access_info") or {}
+        result.access_info = AccessInfo(
+            message=get_str(info, "message"),
+            model_path_from_config=get_str(info, "model_path_from_config"),
+            vram_allocated_mb=get_num(info, "vram_allocated_mb"),
+            quantization_level=get_str(info, "quantization_level"),
+            priority=get_str(info, "priority"),
+        )
+    elif status in ("ERROR_LOADING_MODEL", "ERROR", "error"):
+        result.message = error_text(reply, "MMA could not load the model")
+        code = reply.get("error_code")
+        result.error_code = code if isinstance(code, str) else "PROCESSING_ERROR"
+    else:
+        raise Malformed(f"unexpected status {status!r}")
+    return result
+
+
+def render_reply(op: Op, r: Result) -> dict[str, Any]:
+    """``r`` as the MMA reply to ``op``, in the form the caller used.
+
+    When MMA itself produced the result, keys of its reply that the canonical model does
+    not cover are carried over, so MMA -> MMA loses nothing.
+    """
+    if op.kind is Kind.OTHER and r.source == "mma":
+        reply = r.raw[0] if len(r.raw) == 1 else None
+        if isinstance(reply, dict):
+            return reply
+    if not r.ok:
+        return _failure(op, r)
+    out = _RENDERERS[op.kind](op, r)
+    if r.source == "mma" and len(r.raw) == 1 and isinstance(r.raw[0], dict):
+        for key, value in r.raw[0].items():
+            if key not in out:
+                out[key] = value
+    return out
+
+
+def _failure(op: Op, r: Result) -> dict[str, Any]:
+    message = r.message or "request failed"
+    if op.form is Form.MODEL_ACCESS:
+        return error_body(op.form, r.error_code or "PROCESSING_ERROR", message,
+                          r.request_id if r.request_id is not None else op.request_id,
+                          r.model_id or op.model_id, _iso(r.timestamp))
+    return error_body(op.form, r.error_code, message)
+
+
+def error_body(form: Form, code: str | None, message: str, request_id: object = None,
+               model_id: object = None, timestamp: str | None = None) -> dict[str, Any]:
+    """An error reply in an MMA form; ``error_code`` only when there is one."""
+    if form is Form.MODEL_ACCESS:
+        return {"status": "ERROR_LOADING_MODEL", "request_id": request_id, "model_id": model_id,
+                "error_message": message, "error_code": code or "PROCESSING_ERROR",
+                "timestamp": timestamp or _iso(None)}
+    out: dict[str, Any] = {"status": "ERROR" if form is Form.COMMAND else "error",
+                           "message": message}
+    if code is not None:
+        out["error_code"] = code
+    return out
+
+
+def _epoch(ts: float | str | None) -> float:
+    return ts if isinstance(ts, int | float) else time.time()
+
+
+def _iso(ts: float | str | None) -> str:
+    return ts if isinstance(ts, str) else datetime.now().isoformat()
+
+
+def _models(r: Result) -> dict[str, dict[str, Any]]:
+    return {
+        model_id: {
+            "vram_usage_mb": m.vram_mb,
+            "device": m.device,
+            "last_used": m.last_used if m.last_used is not None else 0.0,
+            "is_active": m.is_active,
+            "quantization": m.quantization,
+        }
+        for model_id, m in (r.loaded_models or {}).items()
+    }
+
+
+def _render_loaded(op: Op, r: Result, status: str = "SUCCESS") -> dict[str, Any]:
+    loaded = r.loaded_models or {}
+    used = r.vram_used_mb
+    if used is None:
+        used = sum(m.vram_mb for m in loaded.values())
+    return {
+        "status": status,
+        "loaded_models": _models(r),
+        "total_models": r.total_models if r.total_models is not None else len(loaded),
+        "total_vram_used_mb": used,
+        "total_vram_mb": r.vram_budget_mb if r.vram_budget_mb is not None else 0,
+    }
+
+
+def _render_status(op: Op, r: Result) -> dict[str, Any]:
+    out = _render_loaded(op, r, "ok")
+    out["routing_policy"] = r.routing_policy if r.routing_policy is not None else dict(op.policy)
+    out["health"] = r.health or "ok"
+    out["timestamp"] = _epoch(r.timestamp)
+    return out
+
+
+def _render_generate(op: Op, r: Result) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": "ok", "response_text": r.text or "",
+                           "model_used": r.model_id or op.model_id or "",
+                           "timestamp": _epoch(r.timestamp)}
+    if op.conversation_id is not None:
+        out["conversation_id"] = r.conversation_id or op.conversation_id
+        out["using_kv_cache"] = True
+    return out
+
+
+def _render_clear(op: Op, r: Result) -> dict[str, Any]:
+    cid = r.conversation_id or op.conversation_id
+    return {"status": "ok", "message": r.message or f"Conversation {cid} cleared",
+            "conversation_id": cid}
+
+
+def _render_load(op: Op, r: Result) -> dict[str, Any]:
+    verb = "loaded" if op.kind is Kind.LOAD else "unloaded"
+    return {"status": "SUCCESS", "message": r.message or f"Model {op.model_id} {verb}"}
+
+
+def _render_health(op: Op, r: Result) -> dict[str, Any]:
+    return {"status": "SUCCESS", "health": r.health or "ok"}
+
+
+def _render_access(op: Op, r: Result) -> dict[str, Any]:
+    info = r.access_info or AccessInfo()
+    return {
+        "status": "MODEL_READY",
+        "request_id": r.request_id if r.request_id is not None else op.request_id,
+        "model_id": r.model_id or op.model_id,
+        "access_info": {
+            "message": info.message,
+            "model_path_from_config": info.model_path_from_config,
+            "vram_allocated_mb": info.vram_allocated_mb,
+            "quantization_level": info.quantization_level,
+            "priority": info.priority,
+        },
+        "timestamp": _iso(r.timestamp),
+    }
+
+
+def _render_other(op: Op, r: Result) -> dict[str, Any]:
+    # Only reached when the backend's reply was not an object.
+    return _failure(op, Result(ok=False, message="backend reply is not a JSON object",
+                               error_code="SHIM_BAD_REPLY"))
+
+
+_RENDERERS = {
+    Kind.GENERATE: _render_generate,
+    Kind.CLEAR_CONVERSATION: _render_clear,
+    Kind.STATUS: _render_status,
+    Kind.LOADED_STATUS: _render_loaded,
+    Kind.LOAD: _render_load,
+    Kind.UNLOAD: _render_load,
+    Kind.HEALTH: _render_health,
+    Kind.MODEL_ACCESS: _render_access,
+    Kind.OTHER: _render_other,
+}

@@ -1,0 +1,439 @@
+"""The MMS dialect (ModelManagerSuite): parse its requests, speak it to MMS, answer in it.
+
+Every MMS request is ``{"action": ...}`` and every reply ``{"status": "success"|"error"}``
+(``healthy``/``degraded`` for health_check; the deployed MMS also answered failures as
+``{"error": "..."}`` with no status at all). An MMA operation that MMS has no single
+action for becomes a short plan of MMS actions whose replies are composed back into one
+result (e.g. MMA status = get_loaded_models_status + health_check).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from shim.dialects.ops import (
+    AccessInfo,
+    BadRequest,
+    Form,
+    Kind,
+    Malformed,
+    ModelInfo,
+    Op,
+    Params,
+    Result,
+    Unsupported,
+    error_text,
+    get_bool,
+    get_dict,
+    get_int,
+    get_num,
+    get_str,
+    get_timestamp,
+    req_str,
+    request_id_of,
+)
+
+MMA_DEFAULT_MAX_TOKENS = 256
+"""MMA generate's default: sent explicitly because MMS's own default (1024) is larger."""
+
+ACCESS_MESSAGE = "MMS approved model loading"
+"""access_info.message of a MODEL_READY served by MMS (MMA says "MMA approved ...")."""
+
+_KINDS = {
+    "generate_text": Kind.GENERATE,
+    "load_model": Kind.LOAD,
+    "unload_model": Kind.UNLOAD,
+    "get_loaded_models_status": Kind.LOADED_STATUS,
+    "health_check": Kind.HEALTH,
+    "list_models": Kind.LIST_MODELS,
+}
+# The MMS actions that serve an MMA caller's operation, in order. For model access,
+# list_models only supplies access_info.vram_allocated_mb (MMS's load reply has no size).
+_PLANS: dict[Kind, tuple[str, ...]] = {
+    Kind.GENERATE: ("generate_text",),
+    Kind.LOAD: ("load_model",),
+    Kind.UNLOAD: ("unload_model",),
+    Kind.LOADED_STATUS: ("get_loaded_models_status", "health_check"),
+    Kind.STATUS: ("get_loaded_models_status", "health_check"),
+    Kind.HEALTH: ("health_check",),
+    Kind.MODEL_ACCESS: ("load_model", "list_models"),
+}
+_AUXILIARY = frozenset({(Kind.MODEL_ACCESS, "list_models")})
+"""(kind, action) pairs whose failure does not fail the operation: the model is loaded."""
+
+
+# --- requests -----------------------------------------------------------------------
+
+
+def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
+    """Parse an MMS request; actions without a canonical equivalent become OTHER."""
+    name = msg["action"]
+    kind = _KINDS.get(name, Kind.OTHER)
+    op = Op(kind=kind, form=Form.MMS, dialect="mms", raw=msg, policy=policy, name=name,
+            request_id=request_id_of(msg))
+    if kind is Kind.GENERATE:
+        op.prompt = req_str(msg, "prompt")
+        op.conversation_id = req_str(msg, "conversation_id")
+        try:  # the generation parameters are top-level fields in MMS
+            op.params = msgspec.convert(msg, Params)
+        except (msgspec.ValidationError, TypeError, ValueError) as exc:
+            raise BadRequest(str(exc)) from None
+    if kind in (Kind.GENERATE, Kind.LOAD, Kind.UNLOAD):
+        op.model_id = req_str(msg, "model_id") or None
+    return op
+
+
+def local_result(op: Op) -> Result | None:
+    """The failure an MMA caller's request gets without asking MMS, or None.
+
+    These are the answers MMA itself gives to such requests, which MMS would word
+    differently (or, for the missing model id, without MMA's error code).
+    """
+    if op.dialect != "mma":
+        return None
+    if op.kind is Kind.MODEL_ACCESS and op.model_id is None:
+        return Result(ok=False, message="model_id is required", error_code="MISSING_MODEL_ID",
+                      request_id=op.request_id)
+    if op.kind is Kind.GENERATE:
+        if op.prompt is None:
+            return Result(ok=False, message="Missing 'prompt' field")
+        if op.model_id is None:
+            return Result(ok=False, message=f"No model found for preference: {op.model_pref}")
+    if op.kind in (Kind.LOAD, Kind.UNLOAD) and op.model_id is None:
+        return Result(ok=False, message="Missing 'model_name' field")
+    return None
+
+
+def _plan(op: Op) -> tuple[str, ...]:
+    if op.dialect == "mms":
+        return (op.name or "",)
+    plan = _PLANS.get(op.kind)
+    if plan is None:
+        what = op.name if op.kind is Kind.OTHER else op.kind.value
+        raise Unsupported(f"MMS has no equivalent of MMA {what!r}")
+    return plan
+
+
+def render_request(op: Op) -> list[dict[str, Any]]:
+    """The MMS requests serving ``op`` (an MMS caller's request goes as it came).
+
+    Empty when the answer is known without MMS (see ``local_result``).
+    """
+    if op.dialect == "mms":
+        return [op.raw]
+    plan = _plan(op)
+    if local_result(op) is not None:
+        return []
+    return [_request(op, action) for action in plan]
+
+
+def _request(op: Op, action: str) -> dict[str, Any]:
+    if action == "generate_text":
+        p = op.params
+        req: dict[str, Any] = {
+            "action": action, "model_id": op.model_id, "prompt": op.prompt,
+            "max_tokens": p.max_tokens if p.max_tokens is not None else MMA_DEFAULT_MAX_TOKENS,
+        }
+        for key in ("temperature", "top_p", "stop", "system_prompt"):
+            value = getattr(p, key)
+            if value is not None:
+                req[key] = value
+        if op.conversation_id is not None:
+            req["conversation_id"] = op.conversation_id
+        return req
+    if action in ("load_model", "unload_model"):
+        return {"action": action, "model_id": op.model_id}
+    return {"action": action}
+
+
+# --- replies ------------------------------------------------------------------------
+
+
+def parse_reply(op: Op, replies: list[Any]) -> Result:
+    """Compose MMS's replies to ``render_request``'s requests into one result.
+
+    Raises Malformed (or Unsupported) for replies that cannot be read; the caller turns
+    those into a failed Result.
+    """
+    local = local_result(op)
+    if local is not None:
+        return local
+    plan = _plan(op)
+    if len(replies) != len(plan):
+        raise Malformed(f"expected {len(plan)} MMS replies, got {len(replies)}")
+    if op.kind is Kind.OTHER:
+        reply = replies[0]
+        ok = isinstance(reply, dict) and reply.get("status") == "success"
+        return Result(ok=ok, source="mms", raw=replies)
+    result = Result(ok=True, source="mms", raw=replies)
+    for action, reply in zip(plan, replies, strict=True):
+        try:
+            failure = _failure_of(action, reply) or _READERS[action](op, reply, result)
+        except Malformed:
+            if (op.kind, action) in _AUXILIARY:
+                continue
+            raise
+        if failure is not None and (op.kind, action) not in _AUXILIARY:
+            return Result(ok=False, source="mms", raw=replies, message=failure,
+                          error_code=access_error_code(failure)
+                          if op.kind is Kind.MODEL_ACCESS else None,
+                          request_id=op.request_id, model_id=op.model_id)
+    if op.kind is Kind.MODEL_ACCESS:
+        model = (result.models or {}).get(op.model_id or "")
+        result.request_id = op.request_id
+        result.model_id = op.model_id
+        result.access_info = AccessInfo(
+            message=ACCESS_MESSAGE,
+            model_path_from_config="",  # MMS does not expose model paths
+            vram_allocated_mb=model.vram_mb if model is not None else 0,
+            quantization_level=op.quantization or "default",
+            priority=op.priority or "normal",
+        )
+    return result
+
+
+def _failure_of(action: str, reply: object) -> str | None:
+    """The error message when ``reply`` reports a failure; Malformed when unreadable."""
+    if not isinstance(reply, dict):
+        raise Malformed(f"{action} reply is not a JSON object")
+    status = reply.get("status")
+    if status == "success" or (action == "health_check" and status in ("healthy", "degraded")):
+        return None
+    if status == "error" or (status is None and "error" in reply):
+        return error_text(reply, f"MMS {action} failed")
+    raise Malformed(f"{action} reply has unexpected status {status!r}")
+
+
+def access_error_code(message: str) -> str:
+    """MMA's model-access error code for an MMS failure message."""
+    text = message.lower()
+    if any(s in text for s in ("unknown model", "not found", "no such model", "not in config",
+                               "not configured")):
+        return "MODEL_NOT_FOUND"
+    if any(s in text for s in ("vram", "memory", "insufficient", "budget")):
+        return "INSUFFICIENT_VRAM"
+    return "PROCESSING_ERROR"
+
+
+def _mb(value: int | float | None) -> int | None:
+    """Megabytes as a whole number, the type the MMA dialect uses."""
+    if value is None or isinstance(value, int):
+        return value
+    if not math.isfinite(value):
+        raise Malformed(f"not a finite number of megabytes: {value}")
+    return round(value)
+
+
+def _seconds(value: int | float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _read_generate(op: Op, reply: dict[str, Any], r: Result) -> str | None:
+    r.text = get_str(reply, "text")
+    if r.text is None:
+        raise Malformed("generate_text reply has no 'text'")
+    r.model_id = get_str(reply, "model_id") or op.model_id
+    r.tokens_generated = get_int(reply, "tokens_generated")
+    r.conversation_id = get_str(reply, "conversation_id")
+    return None
+
+
+def _reader_load(flag: str) -> Callable[[Op, dict[str, Any], Result], str | None]:
+    def read(op: Op, reply: dict[str, Any], r: Result) -> str | None:
+        r.message = get_str(reply, "message")
+        if get_bool(reply, flag) is False:
+            return r.message or f"{flag} is false for model {op.model_id!r}"
+        r.loaded = True
+        r.model_id = op.model_id
+        return None
+
+    return read
+
+
+def _read_loaded(op: Op, reply: dict[str, Any], r: Result) -> str | None:
+    models = get_dict(reply, "loaded_models")
+    if models is None:
+        raise Malformed("get_loaded_models_status reply has no 'loaded_models'")
+    loaded: dict[str, ModelInfo] = {}
+    for model_id, entry in models.items():
+        if not isinstance(entry, dict):
+            raise Malformed(f"loaded_models[{model_id!r}] is not an object")
+        status = get_str(entry, "status") or "online"
+        loaded[model_id] = ModelInfo(
+            vram_mb=_mb(get_num(entry, "vram_usage")) or 0,
+            last_used=_seconds(get_num(entry, "last_used")) or 0.0,
+            status=status,
+            is_active=status == "online",
+        )
+    r.loaded_models = loaded
+    return None
+
+
+def _read_health(op: Op, reply: dict[str, Any], r: Result) -> str | None:
+    r.health = "ok" if reply.get("status") == "healthy" else "degraded"
+    r.total_models = get_int(reply, "total_models")
+    r.online_models = get_int(reply, "online_models")
+    r.loaded_count = get_int(reply, "loaded_models")
+    r.vram_used_mb = _mb(get_num(reply, "vram_used_mb"))
+    r.vram_budget_mb = _mb(get_num(reply, "vram_budget_mb"))
+    r.model_details = get_dict(reply, "model_details")
+    r.timestamp = get_timestamp(reply)
+    return None
+
+
+def _read_list(op: Op, reply: dict[str, Any], r: Result) -> str | None:
+    entries = reply.get("models")
+    if not isinstance(entries, list):
+        raise Malformed("list_models reply has no 'models' list")
+    models: dict[str, ModelInfo] = {}
+    for entry in entries:
+        model_id = entry.get("model_id") if isinstance(entry, dict) else None
+        if not isinstance(model_id, str):
+            raise Malformed("list_models entry without a string 'model_id'")
+        loaded = get_bool(entry, "loaded")
+        status = get_str(entry, "status")
+        if loaded is None:
+            loaded = status == "online"
+        models[model_id] = ModelInfo(
+            vram_mb=_mb(get_num(entry, "estimated_vram_mb")) or 0,
+            last_used=_seconds(get_num(entry, "last_used")),
+            type=get_str(entry, "type") or "unknown",
+            loaded=loaded,
+            status=status or ("online" if loaded else "available_not_loaded"),
+            is_active=loaded,
+        )
+    r.models = models
+    return None
+
+
+_READERS: dict[str, Callable[[Op, dict[str, Any], Result], str | None]] = {
+    "generate_text": _read_generate,
+    "load_model": _reader_load("loaded"),
+    "unload_model": _reader_load("unloaded"),
+    "get_loaded_models_status": _read_loaded,
+    "health_check": _read_health,
+    "list_models": _read_list,
+}
+
+
+def render_reply(op: Op, r: Result) -> dict[str, Any]:
+    """``r`` as the MMS reply to an MMS caller's ``op``.
+
+    When MMS itself produced the result, keys of its reply that the canonical model does
+    not cover are carried over, so MMS -> MMS loses nothing.
+    """
+    if op.kind is Kind.OTHER:
+        reply = r.raw[0] if len(r.raw) == 1 else None
+        if r.source == "mms" and isinstance(reply, dict):
+            return reply
+        return error_body(op, r.error_code or "SHIM_BAD_REPLY",
+                          r.message or "backend reply is not a JSON object")
+    if not r.ok:
+        return error_body(op, r.error_code, r.message or "request failed")
+    out = _RENDERERS[op.kind](op, r)
+    if r.source == "mms" and len(r.raw) == 1 and isinstance(r.raw[0], dict):
+        for key, value in r.raw[0].items():
+            if key not in out:
+                out[key] = value
+    return out
+
+
+def error_body(op: Op | None, code: str | None, message: str) -> dict[str, Any]:
+    """An MMS error reply (with ``loaded``/``unloaded`` false for a failed (un)load)."""
+    out: dict[str, Any] = {"status": "error", "message": message}
+    if op is not None and op.kind is Kind.LOAD:
+        out["loaded"] = False
+    elif op is not None and op.kind is Kind.UNLOAD:
+        out["unloaded"] = False
+    if code is not None:
+        out["error_code"] = code
+    return out
+
+
+def _render_generate(op: Op, r: Result) -> dict[str, Any]:
+    text = r.text or ""
+    out: dict[str, Any] = {
+        "status": "success", "text": text, "model_id": r.model_id or op.model_id or "",
+        # MMA does not count tokens: whitespace-separated words stand in for them.
+        "tokens_generated": r.tokens_generated if r.tokens_generated is not None
+        else len(text.split()),
+    }
+    cid = r.conversation_id or op.conversation_id
+    if cid is not None:
+        out["conversation_id"] = cid
+    return out
+
+
+def _render_load(op: Op, r: Result) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": "success",
+                           "loaded" if op.kind is Kind.LOAD else "unloaded": True}
+    if r.message is not None:
+        out["message"] = r.message
+    return out
+
+
+def _render_loaded(op: Op, r: Result) -> dict[str, Any]:
+    return {"status": "success", "loaded_models": {
+        model_id: {"status": m.status, "last_used": m.last_used if m.last_used is not None
+                   else 0.0, "vram_usage": m.vram_mb}
+        for model_id, m in (r.loaded_models or {}).items()}}
+
+
+def _render_health(op: Op, r: Result) -> dict[str, Any]:
+    loaded = r.loaded_models or {}
+    details = r.model_details
+    if details is None:  # from MMA: it only tells about the loaded models
+        details = {m: {"status": "online", "message": "Model is loaded"} for m in loaded}
+    return {
+        "status": "healthy" if r.health in (None, "ok") else "degraded",
+        "total_models": r.total_models if r.total_models is not None else len(loaded),
+        "online_models": r.online_models if r.online_models is not None else len(loaded),
+        "loaded_models": r.loaded_count if r.loaded_count is not None else len(loaded),
+        "vram_used_mb": r.vram_used_mb if r.vram_used_mb is not None
+        else sum(m.vram_mb for m in loaded.values()),
+        "vram_budget_mb": r.vram_budget_mb if r.vram_budget_mb is not None else 0,
+        "model_details": details,
+        "timestamp": r.timestamp if r.timestamp is not None else time.time(),
+    }
+
+
+def _catalogue(op: Op, r: Result) -> dict[str, ModelInfo]:
+    """list_models from MMA's status: its loaded models, then the policy's other models.
+
+    MMA reports no size for a model it has not loaded: those are listed with 0 MB.
+    """
+    models = dict(r.loaded_models or {})
+    policy = r.routing_policy if r.routing_policy is not None else op.policy
+    for model_id in policy.values():
+        if isinstance(model_id, str) and model_id not in models:
+            models[model_id] = ModelInfo(loaded=False, status="available_not_loaded",
+                                         is_active=False)
+    return models
+
+
+def _render_list(op: Op, r: Result) -> dict[str, Any]:
+    models = r.models if r.models is not None else _catalogue(op, r)
+    out = []
+    for model_id, m in models.items():
+        entry: dict[str, Any] = {"model_id": model_id, "type": m.type,
+                                 "estimated_vram_mb": m.vram_mb, "loaded": m.loaded,
+                                 "status": m.status}
+        if m.last_used is not None:
+            entry["last_used"] = m.last_used
+        out.append(entry)
+    return {"status": "success", "models": out}
+
+
+_RENDERERS: dict[Kind, Callable[[Op, Result], dict[str, Any]]] = {
+    Kind.GENERATE: _render_generate,
+    Kind.LOAD: _render_load,
+    Kind.UNLOAD: _render_load,
+    Kind.LOADED_STATUS: _render_loaded,
+    Kind.HEALTH: _render_health,
+    Kind.LIST_MODELS: _render_list,
+}

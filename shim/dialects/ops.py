@@ -1,0 +1,259 @@
+"""Canonical operations and results: the one vocabulary both dialects translate through.
+
+A request in either dialect parses into an :class:`Op`; the backend replies to it parse
+into a :class:`Result`; the reply the caller gets is rendered from the ``Result`` in the
+caller's own dialect and form. Every documented field of either dialect has a home here,
+so that MMA -> canonical -> MMA and MMS -> canonical -> MMS keep every documented key and
+value type. Numbers are kept as received (``int`` stays ``int``); only the MMS parser
+normalises megabyte figures to whole numbers, because the MMA dialect carries them as
+integers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, Literal
+
+import msgspec
+
+Dialect = Literal["mma", "mms"]
+"""The two wire dialects: ``"mma"`` (legacy ModelManagerAgent) and ``"mms"`` (ModelManagerSuite)."""
+
+
+class Kind(StrEnum):
+    """What a request asks for, independent of dialect."""
+
+    GENERATE = "generate"
+    LOAD = "load"
+    UNLOAD = "unload"
+    LOADED_STATUS = "loaded_status"  # MMA GET_LOADED_MODELS_STATUS, MMS get_loaded_models_status
+    STATUS = "status"  # MMA {"action": "status"}: the full status
+    HEALTH = "health"  # MMA HEALTH_CHECK, MMS health_check
+    MODEL_ACCESS = "model_access"  # MMA {model_id, request_id, context}, no action/command
+    CLEAR_CONVERSATION = "clear_conversation"
+    LIST_MODELS = "list_models"  # MMS list_models
+    OTHER = "other"  # opaque: only ever passed through to a backend of the caller's dialect
+
+
+class Form(StrEnum):
+    """How the caller asked; decides the shape of its replies and errors."""
+
+    ACTION = "action"  # MMA {"action": ...}: lower-case "ok"/"error"
+    COMMAND = "command"  # MMA {"command": ...}: upper-case "SUCCESS"/"ERROR"
+    MODEL_ACCESS = "model_access"  # MMA {model_id, ...}: MODEL_READY/ERROR_LOADING_MODEL
+    MMS = "mms"  # an MMS-dialect caller: "success"/"error"
+
+
+class Params(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Generation parameters. ``None`` means "not given": the backend's default applies."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    system_prompt: str | None = None
+
+
+NO_PARAMS = Params()
+
+
+class Op(msgspec.Struct, kw_only=True):
+    """One parsed request.
+
+    ``raw`` is the request as received (never mutated): it is what goes to a backend of
+    the caller's own dialect. ``policy`` is the model_pref -> model map in force when the
+    request was parsed (a reference, not a copy); MMA's status reply reports it.
+    """
+
+    kind: Kind
+    form: Form
+    dialect: Dialect
+    raw: dict[str, Any]
+    policy: Mapping[str, str]
+    name: str | None = None  # the action or command as sent (the only identity of OTHER)
+    model_id: str | None = None  # resolved from model_pref through the policy when needed
+    model_pref: str | None = None
+    prompt: str | None = None
+    params: Params = NO_PARAMS
+    conversation_id: str | None = None
+    request_id: str | int | None = None
+    quantization: str | None = None  # MMA model access context.quantization_level
+    priority: str | None = None  # MMA model access context.priority
+
+
+class ModelInfo(msgspec.Struct, kw_only=True):
+    """One model as either dialect describes it (loaded entry or catalogue entry)."""
+
+    vram_mb: int | float = 0  # MMA vram_usage_mb, MMS vram_usage / estimated_vram_mb
+    last_used: float | None = None
+    device: str = "unknown"  # MMS does not report a device per model
+    quantization: str = "unknown"  # MMS does not report a quantization
+    is_active: bool = True
+    status: str = "online"  # MMS ledger state: online, available_not_loaded, loading, error
+    type: str = "unknown"  # MMS model type (MMA does not report one)
+    loaded: bool = True
+
+
+class AccessInfo(msgspec.Struct, kw_only=True):
+    """The ``access_info`` of an MMA MODEL_READY reply (values kept as MMA sent them)."""
+
+    message: str | None = None
+    model_path_from_config: str | None = None
+    vram_allocated_mb: int | float | None = None
+    quantization_level: str | None = None
+    priority: str | None = None
+
+
+class Result(msgspec.Struct, kw_only=True):
+    """The canonical outcome of one operation.
+
+    ``ok`` False means the caller gets an error reply carrying ``message`` (and
+    ``error_code`` when set: MMA model-access codes, or ``SHIM_*`` when the shim itself
+    judged the backend's reply unusable). ``source`` names who produced the data
+    (``"mma"``, ``"mms"`` or ``"shim"``); ``raw`` holds the backend replies as received.
+    Fields a backend did not report stay ``None`` and are defaulted at rendering.
+    """
+
+    ok: bool
+    source: str = "shim"
+    message: str | None = None
+    error_code: str | None = None
+    raw: list[Any] = msgspec.field(default_factory=list)
+    # generate
+    text: str | None = None
+    model_id: str | None = None
+    tokens_generated: int | None = None
+    conversation_id: str | None = None
+    # load / unload: did the state change happen
+    loaded: bool | None = None
+    # status
+    loaded_models: dict[str, ModelInfo] | None = None
+    models: dict[str, ModelInfo] | None = None  # the full catalogue (MMS list_models)
+    total_models: int | None = None
+    online_models: int | None = None
+    loaded_count: int | None = None  # MMS health_check "loaded_models" (a count)
+    vram_used_mb: int | float | None = None
+    vram_budget_mb: int | float | None = None
+    health: str | None = None  # canonical: "ok" or "degraded" (MMA's value kept as sent)
+    model_details: dict[str, Any] | None = None
+    routing_policy: dict[str, Any] | None = None
+    # model access
+    request_id: str | int | None = None
+    access_info: AccessInfo | None = None
+    timestamp: float | str | None = None  # the backend's own, when it sent one
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+class BadRequest(ValueError):
+    """A request the shim cannot even parse into an operation (answer: SHIM_BAD_REQUEST).
+
+    Only structurally unusable input is a BadRequest (a field of the wrong JSON type).
+    A well-formed request that a backend would refuse, e.g. a model access request
+    without ``model_id``, parses fine and is answered the way the backend answers it.
+    """
+
+
+class Unsupported(Exception):
+    """The target backend cannot serve this operation (answer: SHIM_UNSUPPORTED)."""
+
+
+class Malformed(Exception):
+    """A backend reply the shim cannot use; becomes a failed Result (SHIM_BAD_REPLY)."""
+
+
+# --- typed field access -------------------------------------------------------------
+# Missing (or null) keys read as None, so that callers choose the default; a key that is
+# present with the wrong JSON type raises, naming the key. Requests raise BadRequest,
+# replies raise Malformed.
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def req_str(msg: Mapping[str, Any], key: str) -> str | None:
+    """``msg[key]`` as a string, None when absent; BadRequest when of another type."""
+    value = msg.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise BadRequest(f"'{key}' must be a string, got {_type_name(value)}")
+
+
+def req_dict(msg: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    """``msg[key]`` as an object, None when absent; BadRequest when of another type."""
+    value = msg.get(key)
+    if value is None or isinstance(value, dict):
+        return value
+    raise BadRequest(f"'{key}' must be an object, got {_type_name(value)}")
+
+
+def request_id_of(msg: Mapping[str, Any]) -> str | int | None:
+    """The caller's ``request_id`` when it is a string or an integer (echoed as sent)."""
+    value = msg.get("request_id")
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    return None
+
+
+def get_str(reply: Mapping[str, Any], key: str) -> str | None:
+    value = reply.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise Malformed(f"'{key}' must be a string, got {_type_name(value)}")
+
+
+def get_num(reply: Mapping[str, Any], key: str) -> int | float | None:
+    value = reply.get(key)
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    raise Malformed(f"'{key}' must be a number, got {_type_name(value)}")
+
+
+def get_int(reply: Mapping[str, Any], key: str) -> int | None:
+    value = reply.get(key)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise Malformed(f"'{key}' must be an integer, got {_type_name(value)}")
+
+
+def get_bool(reply: Mapping[str, Any], key: str) -> bool | None:
+    value = reply.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise Malformed(f"'{key}' must be a boolean, got {_type_name(value)}")
+
+
+def get_dict(reply: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    value = reply.get(key)
+    if value is None or isinstance(value, dict):
+        return value
+    raise Malformed(f"'{key}' must be an object, got {_type_name(value)}")
+
+
+def get_timestamp(reply: Mapping[str, Any]) -> float | str | None:
+    """``timestamp`` as sent: MMA uses epoch floats and ISO strings depending on the reply."""
+    value = reply.get("timestamp")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    raise Malformed(f"'timestamp' must be a number or a string, got {_type_name(value)}")
+
+
+def error_text(reply: Mapping[str, Any], default: str) -> str:
+    """The error message of a failure reply, whichever key the backend used.
+
+    MMA uses ``message`` (``error_message`` when an exception escaped), MMS ``message``
+    (``error`` in the deployed generate_text bug). Any type is accepted: the caller gets an
+    error either way, better with the backend's words in it.
+    """
+    for key in ("message", "error_message", "error"):
+        value = reply.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if value is not None and not isinstance(value, str):
+            return str(value)
+    return default
