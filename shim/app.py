@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,9 @@ import zmq.asyncio
 from shim.config import ShimConfig
 from shim.health import HealthProber, HealthServer, vram_of
 from shim.metrics import Metrics
+from shim.ownership import Ownership
 from shim.proxy import Proxy
+from shim.shadow import Shadow
 
 log = logging.getLogger("mmshim")
 
@@ -39,7 +42,11 @@ class Shim:
         self.proxy: Proxy | None = None
         self.prober: HealthProber | None = None
         self.health: HealthServer | None = None
+        self.ownership: Ownership | None = None
+        self.shadow: Shadow | None = None
         self.extras: list[Any] = []  # admin server, ownership, shadow: started and stopped with us
+        #: Called on SIGHUP (set by shim.admin.add_control_plane: reload the config file).
+        self.on_reload: Callable[[], None] | None = None
 
     async def serve(self) -> int:
         """Bind everything, serve until SIGTERM/SIGINT, drain, close. Returns an exit code."""
@@ -49,6 +56,7 @@ class Shim:
             self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics)
             self.health = HealthServer(self.ctx, self.cfg.shim.health, self.describe_health)
             self.prober = HealthProber(self.ctx, self.proxy.pool, self.cfg.health, self.metrics)
+            self._plug_addons(self.proxy)
             await self._start_extras()
             if self._serve_metrics and self.cfg.shim.metrics:
                 self.metrics.serve(self.cfg.shim.metrics)
@@ -68,6 +76,17 @@ class Shim:
             log.warning("%d requests did not finish in time and got an error reply", cut)
         await self._close()
         return 0
+
+    def _plug_addons(self, proxy: Proxy) -> None:
+        """Behaviour beyond moving requests, in hook order: ownership routes first."""
+        if self.cfg.ownership.enabled:
+            self.ownership = Ownership(proxy, self.cfg.ownership)
+            proxy.addons.append(self.ownership)
+            self.extras.insert(0, self.ownership)
+        # Shadow last: it only looks at exchanges that are over (after_reply).
+        self.shadow = Shadow(proxy, self.cfg, self._sync_ctx, self.ownership)
+        proxy.addons.append(self.shadow)
+        self.extras.append(self.shadow)
 
     async def _start_extras(self) -> None:
         """Hook for addons and the admin socket (see shim.cli.build_shim)."""
@@ -99,6 +118,14 @@ class Shim:
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        if self.on_reload is None:
+            log.warning("SIGHUP ignored: nothing to reload")
+        else:
+            log.info("SIGHUP: reloading %s", self.config_path)
+            self.on_reload()
 
     def describe_health(self) -> dict[str, Any]:
         """The shim's health reply, in the MMA health shape, backends under ``details``."""
@@ -108,6 +135,8 @@ class Shim:
         used_total = budget_total = 0.0
         for name, backend in self.proxy.pool.backends.items():
             used, budget = vram_of(self.prober.last_reply.get(name, {}))
+            if self.ownership is not None and name in self.ownership.vram:
+                used, budget = self.ownership.vram[name]  # from the loaded-models poll
             used_total += used or 0.0
             budget_total += budget or 0.0
             backends[name] = {
@@ -133,8 +162,15 @@ class Shim:
 
 def build_shim(cfg: ShimConfig, config_path: Path | None = None, *,
                reset_state: bool = False, serve_metrics: bool = True) -> Shim:
-    """A Shim with every addon this config asks for."""
-    return Shim(cfg, config_path, reset_state=reset_state, serve_metrics=serve_metrics)
+    """A Shim with every addon this config asks for.
+
+    Raises ConfigError when the admin socket would be open to the network without a token.
+    """
+    from shim.admin import add_control_plane
+
+    shim = Shim(cfg, config_path, reset_state=reset_state, serve_metrics=serve_metrics)
+    add_control_plane(shim, reset_state=reset_state)
+    return shim
 
 
 def run_shim(shim: Shim) -> int:

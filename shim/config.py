@@ -73,10 +73,11 @@ class RoutingSection(Base):
     """How requests are split: mode, weights (percent, 0.01 % resolution), sticky key."""
 
     mode: Mode = "split"
-    weights: dict[str, float] = msgspec.field(default_factory=lambda: {"mma": 100.0, "mms": 0.0})
+    #: Empty: all traffic to the first backend.
+    weights: dict[str, float] = msgspec.field(default_factory=dict)
     sticky_key: str = "conversation_id"
-    #: Where ``rollback`` sends all traffic.
-    safe_backend: str = "mma"
+    #: Where ``rollback`` sends all traffic; empty: the first backend.
+    safe_backend: str = ""
 
 
 class HealthSection(Base):
@@ -107,6 +108,8 @@ class OwnershipSection(Base):
     poll_interval_ms: int = 2000
     handover_timeout_ms: int = 3000
     repair: bool = False
+    #: Models allowed on both backends at once (e.g. preloaded on MMS for shadow compares).
+    shared_models: list[str] = msgspec.field(default_factory=list)
 
 
 class ShadowSection(Base):
@@ -232,7 +235,11 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
             _check_endpoint(value, source, f"shim.{field}")
     if cfg.shim.max_request_bytes <= 0:
         raise _fail(source, "shim.max_request_bytes", "must be positive")
+    first = next(iter(cfg.backends))
+    if not cfg.routing.weights:
+        cfg.routing.weights = {name: 100.0 if name == first else 0.0 for name in cfg.backends}
     check_weights(cfg.routing.weights, cfg.backends, source, "routing.weights")
+    cfg.routing.safe_backend = cfg.routing.safe_backend or first
     if cfg.routing.safe_backend not in cfg.backends:
         raise _fail(source, "routing.safe_backend",
                     f"unknown backend {cfg.routing.safe_backend!r}")
@@ -248,6 +255,22 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
         raise _fail(source, "shadow.percent", "must be within 0..100")
     if cfg.shadow.max_inflight < 1:
         raise _fail(source, "shadow.max_inflight", "must be at least 1")
+    _check_compare(cfg.shadow.compare, source)
+
+
+def _check_compare(compare: dict[str, dict[str, CompareRule]], source: str) -> None:
+    """shadow.compare: keys are actions or "*", patterns parse (see shim.compare)."""
+    from shim.compare import PatternError, parse_pattern
+
+    for action, rules in compare.items():
+        if action != "*" and action not in ACTIONS:
+            raise _fail(source, f"shadow.compare.{action}",
+                        f"unknown action (expected \"*\" or one of {', '.join(ACTIONS)})")
+        for pattern in rules:
+            try:
+                parse_pattern(pattern)
+            except PatternError as exc:
+                raise _fail(source, f"shadow.compare.{action}", str(exc)) from None
 
 
 def check_weights(weights: dict[str, float], backends: dict[str, BackendConfig] | set[str],

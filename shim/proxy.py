@@ -19,7 +19,7 @@ import zmq
 
 from shim import dialects
 from shim.config import ShimConfig
-from shim.dialects.ops import Form, Op
+from shim.dialects.ops import Form, Op, Result
 from shim.metrics import Metrics
 from shim.pool import BackendBadReply, BackendError, BackendPool
 from shim.routing import bucket_of, random_bucket
@@ -35,12 +35,16 @@ _encode = msgspec.json.encode
 class Addon(Protocol):
     """A behaviour plugged into the data path (see shim.ownership, shim.shadow)."""
 
-    def route(self, op: Op, candidates: list[str]) -> list[str]:
+    def route(self, op: Op, candidates: list[str], rt: Runtime) -> list[str]:
         """Reorder or narrow the backends a request may go to."""
         ...
 
     def before_send(self, op: Op, backend: str) -> Awaitable[None] | None:
-        """Something to wait for before the request goes out (bounded by the caller)."""
+        """Something to wait for before the request goes out (bounded by its deadline)."""
+        ...
+
+    def after_send(self, op: Op, backend: str, reply: bytes | None) -> None:
+        """One attempt on ``backend`` ended: with the caller-dialect reply, or None."""
         ...
 
     def after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
@@ -190,14 +194,13 @@ class Proxy:
         """Backends to try, in order: pin, else weights (sticky), then failover."""
         backends = self.pool.backends
         if rule.pin:
-            candidates = [rule.pin]
-        else:
-            key = msg.get(self._sticky_key) if self._sticky_key else None
-            bucket = bucket_of(str(key)) if key is not None else random_bucket()
-            primary = rt.table.backend_for(bucket)
-            candidates = [primary, *(n for n in rt.table.names if n != primary)]
+            return [rule.pin]
+        key = msg.get(self._sticky_key) if self._sticky_key else None
+        bucket = bucket_of(str(key)) if key is not None else random_bucket()
+        primary = rt.table.backend_for(bucket)
+        candidates = [primary, *(n for n in rt.table.names if n != primary)]
         for addon in self.addons:
-            candidates = addon.route(op, candidates)
+            candidates = addon.route(op, candidates, rt)
         if rule.failover:  # healthy backends first, the others only as a last resort
             candidates = sorted(candidates, key=lambda n: not backends[n].healthy)
         return candidates
@@ -222,26 +225,33 @@ class Proxy:
                     continue
             else:
                 requests = [payload]
-            for addon in self.addons:
-                waiting = addon.before_send(op, name)
-                if waiting is not None:
-                    await _bounded(waiting, deadline)
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                raise ShimReply("SHIM_TIMEOUT", "deadline passed before a backend was free")
-            timeout = min(remaining, backend.config.timeout_ms / 1000)
+            reply: bytes | None = None
             try:
-                replies = await asyncio.gather(
-                    *[self.pool.request(name, r, timeout) for r in requests])
+                for addon in self.addons:
+                    waiting = addon.before_send(op, name)
+                    if waiting is not None:
+                        await _bounded(waiting, deadline)
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    raise ShimReply("SHIM_TIMEOUT", "deadline passed before a backend was free")
+                timeout = min(remaining, backend.config.timeout_ms / 1000)
+                if len(requests) == 1:  # the common case, without gather's extra Future
+                    replies = [await self.pool.request(name, requests[0], timeout)]
+                else:
+                    replies = await asyncio.gather(
+                        *[self.pool.request(name, r, timeout) for r in requests])
+                reply = (self._translate_reply(op, backend.dialect, replies) if translate
+                         else replies[0])
+                return name, reply
             except BackendError as exc:
                 last = ShimReply(exc.code, str(exc))
                 if rule.failover and i + 1 < len(candidates):
                     self.metrics.failovers.labels(name, candidates[i + 1]).inc()
                     continue
                 raise last from None
-            if not translate:
-                return name, replies[0]
-            return name, self._translate_reply(op, backend.dialect, replies)
+            finally:
+                for addon in self.addons:
+                    addon.after_send(op, name, reply)
         raise last
 
     def _translate_reply(self, op: Op, dialect: str, replies: list[bytes]) -> bytes:
@@ -254,6 +264,22 @@ class Proxy:
             decoded.append(value if isinstance(value, dict) else {"error": "reply not an object"})
         result = dialects.parse_reply(op, dialect, decoded)
         return _encode(dialects.render_reply(op, result))
+
+    async def call(self, backend: str, msg: dict[str, Any], timeout_s: float) -> Result:
+        """An internal request (ownership polls, hand-overs) in the MMA dialect, sent to
+        ``backend`` in its own dialect, read back as a canonical Result."""
+        op = dialects.parse_request(msg, self.policy)
+        dialect = self.pool.backends[backend].dialect
+        requests = dialects.render_request(op, dialect, self.policy)
+        raw = await asyncio.gather(*(self.pool.request(backend, _encode(r), timeout_s)
+                                     for r in requests))
+        replies = []
+        for item in raw:
+            try:
+                replies.append(_decode(item))
+            except msgspec.DecodeError:
+                replies.append({"error": "reply is not valid JSON"})
+        return dialects.parse_reply(op, dialect, replies)
 
     async def _forward_opaque_bytes(self, rt: Runtime, payload: bytes,
                                     started: float) -> tuple[str, bytes]:

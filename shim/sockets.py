@@ -74,10 +74,14 @@ def send_frames(sock: zmq.Socket[bytes], frames: Frames) -> None:
 
 
 def bind_or_explain(sock: zmq.Socket[bytes], endpoint: str, role: str) -> None:
-    """Bind, turning 'address in use' into a message that names the endpoint."""
+    """Bind, turning 'address in use' into a message that names the endpoint.
+
+    On failure the socket is closed, so that the context can still terminate.
+    """
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
+        sock.close(0)
         if exc.errno == zmq.EADDRINUSE:
             raise EndpointInUse(
                 f"{role} endpoint {endpoint} is already in use "

@@ -110,6 +110,8 @@ def shim_config(backends: dict[str, Any], tmp_path: Path, **sections: Any) -> di
         "policy": {"fast": "phi-2", "quality": "mistral-7b", "fallback": "tinyllama",
                    "stt": "whisper-small", "tts": "piper-tts"},
         "shadow": {"diff_log": str(tmp_path / "diffs.jsonl")},
+        # Fake backends keep no models; tests of ownership turn it on with real backends.
+        "ownership": {"enabled": False, "poll_interval_ms": 300},
     }
     for name, b in backends.items():
         if isinstance(b, dict):
