@@ -199,6 +199,8 @@ class Proxy:
         bucket = bucket_of(str(key)) if key is not None else random_bucket()
         primary = rt.table.backend_for(bucket)
         candidates = [primary, *(n for n in rt.table.names if n != primary)]
+        if op.dialect != "mma":  # clients already on the new dialect go to it unchanged
+            candidates.sort(key=lambda n: backends[n].dialect != op.dialect)
         for addon in self.addons:
             candidates = addon.route(op, candidates, rt)
         if rule.failover:  # healthy backends first, the others only as a last resort

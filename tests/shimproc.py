@@ -117,7 +117,8 @@ def shim_config(backends: dict[str, Any], tmp_path: Path, **sections: Any) -> di
         if isinstance(b, dict):
             cfg["backends"][name] = b
         else:
-            cfg["backends"][name] = {"dialect": b.dialect, "endpoints": [b.endpoint],
+            dialect = getattr(b, "dialect", None) or b.kind  # a Fake, or a real Backend
+            cfg["backends"][name] = {"dialect": dialect, "endpoints": [b.endpoint],
                                      "health": b.health_endpoint}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

@@ -274,6 +274,12 @@ def _read_load(op: Op, reply: dict[str, Any], r: Result) -> None:
 
 def _read_health(op: Op, reply: dict[str, Any], r: Result) -> None:
     r.health = get_str(reply, "health")
+    uptime = get_num(reply, "uptime_seconds")
+    r.uptime_s = None if uptime is None else float(uptime)
+    r.loaded_count = get_int(reply, "loaded_models")
+    r.vram_used_mb = get_num(reply, "total_vram_used_mb")
+    r.vram_budget_mb = get_num(reply, "total_vram_mb")
+    r.timestamp = get_timestamp(reply)
 
 
 _READERS = {
@@ -420,7 +426,13 @@ def _render_load(op: Op, r: Result) -> dict[str, Any]:
 
 
 def _render_health(op: Op, r: Result) -> dict[str, Any]:
-    return {"status": "SUCCESS", "health": r.health or "ok"}
+    """MMA's HEALTH_CHECK reply: status and health, then the figures the backend gave."""
+    reply: dict[str, Any] = {"status": "SUCCESS", "health": r.health or "ok"}
+    extras = (("uptime_seconds", r.uptime_s), ("loaded_models", r.loaded_count),
+              ("total_vram_used_mb", r.vram_used_mb), ("total_vram_mb", r.vram_budget_mb),
+              ("timestamp", None if r.timestamp is None else _epoch(r.timestamp)))
+    reply.update((key, value) for key, value in extras if value is not None)
+    return reply
 
 
 def _render_access(op: Op, r: Result) -> dict[str, Any]:

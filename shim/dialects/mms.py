@@ -283,6 +283,10 @@ def _read_health(op: Op, reply: dict[str, Any], r: Result) -> str | None:
     r.vram_budget_mb = _mb(get_num(reply, "vram_budget_mb"))
     r.model_details = get_dict(reply, "model_details")
     r.timestamp = get_timestamp(reply)
+    # health_check carries no uptime (only MMS's health socket does); 0.0 keeps the
+    # figure MMA callers expect in a HEALTH_CHECK reply.
+    uptime = get_num(reply, "uptime")
+    r.uptime_s = 0.0 if uptime is None else float(uptime)
     return None
 
 

@@ -136,6 +136,7 @@ class Result(msgspec.Struct, kw_only=True):
     vram_used_mb: int | float | None = None
     vram_budget_mb: int | float | None = None
     health: str | None = None  # canonical: "ok" or "degraded" (MMA's value kept as sent)
+    uptime_s: float | None = None  # MMA HEALTH_CHECK uptime_seconds (MMS does not report it)
     model_details: dict[str, Any] | None = None
     routing_policy: dict[str, Any] | None = None
     # model access

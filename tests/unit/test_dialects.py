@@ -267,7 +267,9 @@ def test_mma_to_mms_requests(msg: dict[str, Any], expected: list[dict[str, Any]]
     ({"command": "GET_LOADED_MODELS_STATUS"}, [MMS_LOADED_OK, MMS_HEALTH_OK], MMA_LOADED_OK),
     (MMA_LOAD, [MMS_LOAD_OK], MMA_CMD_OK),
     (MMA_UNLOAD, [MMS_UNLOAD_OK], MMA_CMD_OK),
-    ({"command": "HEALTH_CHECK"}, [MMS_HEALTH_OK], MMA_HEALTH_OK),
+    ({"command": "HEALTH_CHECK"}, [MMS_HEALTH_OK],
+     {**MMA_HEALTH_OK, "uptime_seconds": 0.0, "loaded_models": 1, "total_vram_used_mb": 2250,
+      "total_vram_mb": 19660, "timestamp": 1764400000.0}),
     (MMA_ACCESS, [MMS_LOAD_OK, MMS_LIST_OK], MMA_ACCESS_OK),
 ])
 def test_mma_from_mms_replies_match_mma_shapes(msg: dict[str, Any], replies: list[Any],
