@@ -100,17 +100,21 @@ class Ownership:
         move = self.moves.get(model)
         if move is not None:
             return [move.target]
+        backends = self._proxy.pool.backends
         want = self.desired(model, rt)
         owner = self.owner.get(model)
-        backends = self._proxy.pool.backends
-        if owner is None or owner == want or not backends[owner].healthy:
-            # (a dead owner's models died with it)
-            if not backends[want].healthy:
-                want = next((c for c in candidates if backends[c].healthy), want)
+        if owner is not None and backends[owner].healthy:
+            if owner == want or op.kind is Kind.UNLOAD or not backends[want].healthy:
+                return [owner]
+            self._start_move(model, owner, want)
             return [want]
-        if op.kind is Kind.UNLOAD:
-            return [owner]  # nothing to move: it is leaving anyway
-        self._start_move(model, owner, want)
+        # No live owner (a dead owner's models died with it): the weights decide.
+        if not backends[want].healthy:
+            want = next((c for c in candidates if backends[c].healthy), want)
+        if op.kind is not Kind.UNLOAD:
+            # Claimed now, not when the reply comes: a second request for the model
+            # arriving meanwhile must not load it somewhere else.
+            self._set_owner(model, want)
         return [want]
 
     def before_send(self, op: Op, backend: str) -> asyncio.Future[Any] | None:
