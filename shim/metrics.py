@@ -6,7 +6,11 @@ only does a dict lookup and a locked increment.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0)
@@ -54,7 +58,25 @@ class Metrics:
         self.vram_budget = Gauge("shim_backend_vram_budget_mb", "VRAM budget per backend ledger",
                                  ["backend"], registry=r)
 
+    def export_counts(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        """Frontend totals read at scrape time (no cost on the hot path):
+        ``shim_frontend_total{kind=requests|replies|unroutable}``."""
+        self.registry.register(_CountsCollector(counts))
+
     def serve(self, address: str) -> None:
         """Expose /metrics over HTTP on ``host:port`` (a daemon thread)."""
         host, _, port = address.rpartition(":")
         start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+
+
+class _CountsCollector(Collector):
+    def __init__(self, counts: Callable[[], Mapping[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "shim_frontend", "Frontend messages: requests in, replies out, replies to clients "
+            "that had gone", labels=["kind"])
+        for kind, value in self._counts().items():
+            family.add_metric([kind], value)
+        yield family

@@ -78,8 +78,8 @@ class Proxy:
         self._sticky_key = cfg.routing.sticky_key
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
-        #: Every request in is a reply out, a reply to a vanished client, or unanswerable.
-        self.counts = {"requests": 0, "replies": 0, "unroutable": 0, "unanswerable": 0}
+        #: Once nothing is in flight: requests == replies + unroutable (vanished clients).
+        self.counts = {"requests": 0, "replies": 0, "unroutable": 0}
 
         self.frontend = ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
@@ -89,6 +89,7 @@ class Proxy:
         bind_or_explain(self.frontend, cfg.shim.listen, "listen")
         self._reader = BatchReader(loop, self.frontend, self._on_frames)
         self.pool = BackendPool(loop, ctx, cfg.backends, cfg.health, metrics)
+        metrics.export_counts(lambda: self.counts)
         self.set_runtime(self.runtime)
 
     def start(self) -> None:
