@@ -1,5 +1,7 @@
 """``mmshim``: run the shim, check a config, run a reference backend, run the whole stack.
 
+``mmshim ctl`` (shim.ctl) changes a running shim through its admin socket.
+
 Every subcommand is a function ``cmd_<name>(args) -> int``; ``main`` only dispatches.
 Errors a user can fix (bad config, endpoint in use) print one line and exit non-zero.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.config import ConfigError, ShimConfig, load_config
+from shim.ctl import add_ctl_parser
 
 DEFAULT_CONFIG = "config/shim.toml"
 
@@ -44,6 +47,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     try:
         shim = build_shim(cfg, Path(args.config), reset_state=args.reset_state)
+    except ConfigError as exc:  # e.g. a non-loopback admin socket without a token
+        print(f"mmshim: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    try:
         return run_shim(shim)
     except EndpointInUse as exc:
         print(f"mmshim: {exc}", file=sys.stderr)
@@ -61,10 +68,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 # -- reference backends ----------------------------------------------------------------
 
 def cmd_backend(args: argparse.Namespace) -> int:
-    if args.kind == "mma":
-        from backends import mma as service
-    else:
-        from backends import mms as service
+    import importlib
+
+    service = importlib.import_module(f"backends.{args.kind}")
     return int(service.main(args.rest))
 
 
@@ -124,6 +130,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_load(args.config), args.endpoint, args.count)
 
 
+# -- shadow diffs and the parity run ---------------------------------------------------
+
+DEFAULT_PARITY_REQUESTS = "config/parity_requests.jsonl"
+
+
+def cmd_diffs(args: argparse.Namespace) -> int:
+    """Summarise the shadow diff log: mismatch rate and top differing paths per action."""
+    import json
+
+    from shim.difflog import Tally, log_files, read_records
+
+    path = args.log or _load(args.config).shadow.diff_log
+    if not log_files(path):
+        print(f"mmshim diffs: no diff log at {path}", file=sys.stderr)
+        return 2
+    tally = Tally().add_all(read_records(path))
+    print(json.dumps(tally.as_json(args.top), indent=2, default=str) if args.json
+          else tally.format(args.top))
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    """Replay a request corpus to both backends; exit 1 above the mismatch threshold."""
+    from shim.parity import main as parity_main
+
+    return parity_main(_load(args.config), args.requests, threshold=args.threshold,
+                       as_json=args.json, log_path=args.log, top=args.top,
+                       verbose=args.verbose)
+
+
 # -- dispatch --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default="", help="default: the config's listen port on loopback")
     p.add_argument("--count", type=int, default=40)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("diffs", help="summarise the shadow diff log")
+    p.add_argument("--log", default="", help="default: the config's shadow.diff_log")
+    p.add_argument("--config", default=os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("--top", type=int, default=5, help="differing paths shown per action")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_diffs)
+
+    p = sub.add_parser("parity", help="replay a request corpus to both backends and compare")
+    p.add_argument("--requests", default=DEFAULT_PARITY_REQUESTS)
+    p.add_argument("--config", default=os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))
+    p.add_argument("--threshold", type=float, default=0.0, metavar="PCT",
+                   help="fail when more than PCT %% of compared requests differ (default 0)")
+    p.add_argument("--log", default="", help="also write the diff records here (JSON lines)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per request")
+    p.set_defaults(func=cmd_parity)
+
+    add_ctl_parser(sub)  # `mmshim ctl ...`: shim.ctl
     return parser
 
 

@@ -16,7 +16,8 @@ import zmq
 
 from shim.config import ShimConfig
 
-_SAMPLE = re.compile(r'^shim_requests_total\{action="([^"]*)",backend="([^"]*)",outcome="([^"]*)"\} (\S+)$')
+_SAMPLE = re.compile(r"^shim_requests_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def legacy_requests(count: int) -> list[dict[str, object]]:
@@ -51,14 +52,17 @@ def _scrape(url: str) -> Counter[tuple[str, str, str]]:
     for line in text.splitlines():
         m = _SAMPLE.match(line)
         if m:
-            counts[(m.group(2), m.group(1), m.group(3))] = int(float(m.group(4)))
+            labels = dict(_LABEL.findall(m.group("labels")))
+            key = (labels.get("backend", "?"), labels.get("action", "?"),
+                   labels.get("outcome", "?"))
+            counts[key] = int(float(m.group("value")))
     return counts
 
 
 def run_demo(cfg: ShimConfig, endpoint: str, count: int) -> int:
     endpoint = endpoint or "tcp://127.0.0.1:" + cfg.shim.listen.rsplit(":", 1)[1]
     metrics_url = f"http://{cfg.shim.metrics}/metrics"
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     served: Counter[str] = Counter()
     failures = 0
     print(f"{'#':>3}  {'request':<34} {'served by':<10} reply")
@@ -82,7 +86,8 @@ def run_demo(cfg: ShimConfig, endpoint: str, count: int) -> int:
         what += f" {req['model_pref']}" if "model_pref" in req else ""
         status = reply.get("status")
         failures += status in ("error", "ERROR", "ERROR_LOADING_MODEL")
-        detail = reply.get("response_text") or reply.get("message") or reply.get("error_message") or ""
+        detail = (reply.get("response_text") or reply.get("message")
+                  or reply.get("error_message") or "")
         print(f"{i:>3}  {what:<34} {who:<10} {status} {str(detail)[:40]!r}")
     print("\nserved: " + ", ".join(f"{k}={v}" for k, v in sorted(served.items()))
           + f"; error replies: {failures}")

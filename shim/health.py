@@ -91,7 +91,7 @@ class HealthProber:
 
     async def _probe(self, sock: zmq.asyncio.Socket) -> dict[str, Any] | None:
         await sock.send(b'{"action": "health_check"}')
-        if not await sock.poll(self._cfg.timeout_ms, zmq.POLLIN):
+        if not await sock.poll(self._cfg.timeout_ms):
             return None
         try:
             reply = msgspec.json.decode(await sock.recv())
@@ -109,7 +109,8 @@ class HealthProber:
 
 def vram_of(reply: dict[str, Any]) -> tuple[float | None, float | None]:
     """VRAM used/budget MB from a backend health reply (either dialect), when present."""
-    details = reply.get("details") if isinstance(reply.get("details"), dict) else {}
+    found = reply.get("details")
+    details: dict[str, Any] = found if isinstance(found, dict) else {}
     used = reply.get("vram_used_mb", details.get("vram_used_mb"))
     budget = reply.get("vram_budget_mb", details.get("vram_budget_mb"))
     return (float(used) if isinstance(used, int | float) else None,
@@ -122,7 +123,7 @@ class HealthServer:
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, describe: Any) -> None:
         self._sock = ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
-        bind_or_explain(self._sock, endpoint, "health")
+        bind_or_explain(self._sock, endpoint, "health")  # type: ignore[arg-type]
         self._describe = describe
         self._task: asyncio.Task[None] | None = None
 

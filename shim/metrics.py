@@ -21,7 +21,8 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = Counter("shim_requests", "Requests answered, by backend, action and outcome",
+        self.requests = Counter("shim_requests",
+                                "Requests answered, by backend, action and outcome",
                                 ["backend", "action", "outcome"], registry=r)
         self.latency = Histogram("shim_request_latency_seconds", "Request latency in the shim",
                                  ["backend", "action"], buckets=LATENCY_BUCKETS, registry=r)

@@ -206,7 +206,8 @@ class BackendPool:
         backend.record_failure()
         self._metrics.timeouts.labels(backend.name).inc()
         if not pending.future.done():
-            pending.future.set_exception(BackendTimeout(f"backend {backend.name} did not answer in time"))
+            pending.future.set_exception(
+                BackendTimeout(f"backend {backend.name} did not answer in time"))
 
     def _settle(self, pending: Pending) -> None:
         pending.timer.cancel()

@@ -110,7 +110,7 @@ class Proxy:
             split = frames.index(b"", 1)
         except ValueError:
             # A DEALER that sent no delimiter: answer it the way it can read.
-            self._bad_request(frames[:1] + [b""], "envelope", "missing empty delimiter frame")
+            self._bad_request([*frames[:1], b""], "envelope", "missing empty delimiter frame")
             return
         envelope, body = frames[: split + 1], frames[split + 1 :]
         if len(body) != 1:

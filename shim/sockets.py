@@ -21,11 +21,12 @@ Frames = list[bytes]
 class BatchReader:
     """Calls ``on_message(frames)`` for every multipart message the socket receives."""
 
-    __slots__ = ("_armed", "_batch", "_loop", "_on_message", "_scheduled", "sock")
+    __slots__ = ("_armed", "_batch", "_fd", "_loop", "_on_message", "_scheduled", "sock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket[bytes],
                  on_message: Callable[[Frames], None], batch: int = 256) -> None:
         self.sock = sock
+        self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop = loop
         self._on_message = on_message
         self._batch = batch
@@ -35,14 +36,14 @@ class BatchReader:
     def start(self) -> None:
         """Begin reading; messages already queued are read on the next loop pass."""
         if not self._armed:
-            self._loop.add_reader(self.sock.getsockopt(zmq.FD), self._drain)
+            self._loop.add_reader(self._fd, self._drain)
             self._armed = True
         self.kick()
 
     def stop(self) -> None:
         """Stop reading; queued messages stay in the socket."""
         if self._armed:
-            self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
+            self._loop.remove_reader(self._fd)
             self._armed = False
 
     def kick(self) -> None:

@@ -7,7 +7,6 @@ which backend served a request after translation back into the MMA dialect.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,13 +14,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import zmq
 
 from tests.procs import free_port, req
-from tests.shimproc import ROOT, Fake, ShimProc, shim_config, start_fake, start_shim
+from tests.shimproc import ROOT, Fake, shim_config, start_fake, start_shim
 
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "hello", "params": {"max_tokens": 4}}
 
@@ -318,9 +316,9 @@ def test_metrics_count_requests_by_backend_action_outcome(fakes, tmp_path) -> No
         for _ in range(3):
             req(shim.endpoint, GEN)
         text = shim.metrics()
-        line = next(l for l in text.splitlines()
-                    if l.startswith("shim_requests_total{") and 'backend="mma"' in l
-                    and 'action="generate"' in l and 'outcome="ok"' in l)
+        line = next(row for row in text.splitlines()
+                    if row.startswith("shim_requests_total{") and 'backend="mma"' in row
+                    and 'action="generate"' in row and 'outcome="ok"' in row)
         assert float(line.rsplit(" ", 1)[1]) == 3.0
         assert 'shim_weight_percent{backend="mma"} 100.0' in text
     finally:

@@ -39,7 +39,8 @@ def test_default_config_loads_with_policy_from_models_toml() -> None:
     ({"actions": {"generate": {"pin": "ghost"}}}, "actions.generate.pin"),
     ({"actions": {"bogus": {}}}, "actions.bogus"),
     ({"shadow": {"percent": 150}}, "shadow.percent"),
-    ({"backends": {"mma": {"dialect": "mma", "endpoints": ["udp://x"]}}}, "backends.mma.endpoints[0]"),
+    ({"backends": {"mma": {"dialect": "mma", "endpoints": ["udp://x"]}}},
+     "backends.mma.endpoints[0]"),
 ])
 def test_bad_field_is_named(patch: dict, field: str) -> None:
     raw = base()
