@@ -1,0 +1,279 @@
+"""Runtime state that outlives the process: what the admin socket changed, on disk.
+
+The state file holds only what differs from the config file (weights, mode, shadow
+settings, per-action rules), so a config edit to a part nobody overrode still takes
+effect on the next start. It is written atomically (temporary file, fsync, rename,
+fsync of the directory): after a crash the file is the old state or the new one,
+never half of each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Collection
+from dataclasses import replace
+from pathlib import Path
+
+import msgspec
+
+from shim.config import ACTIONS, STATEFUL_ACTIONS, ActionRule, Mode, check_weights
+from shim.routing import RoutingTable
+from shim.runtime import Runtime, resolve_rules
+
+STATE_VERSION = 1
+
+
+class StateError(ValueError):
+    """A state file that cannot be read or does not fit the running config."""
+
+
+class ShadowOverride(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True,
+                     kw_only=True):
+    """Shadow settings that differ from the config; ``None`` means "as configured"."""
+
+    percent: float | None = None
+    sticky: bool | None = None
+    max_inflight: int | None = None
+    timeout_ms: int | None = None
+
+
+class RuntimeState(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True,
+                   kw_only=True):
+    """The differences between the running Runtime and the one the config file gives."""
+
+    version: int = STATE_VERSION
+    saved_at: float = 0.0
+    mode: Mode | None = None
+    weights: dict[str, float] | None = None
+    shadow: ShadowOverride = msgspec.field(default_factory=ShadowOverride)
+    #: Whole rules for the actions whose rule differs from the config's.
+    actions: dict[str, ActionRule] = msgspec.field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return (self.mode is None and self.weights is None and not self.actions
+                and self.shadow == ShadowOverride())
+
+    def summary(self) -> list[str]:
+        """Which parts are overridden, for status replies and log lines."""
+        parts = [name for name in ("mode", "weights") if getattr(self, name) is not None]
+        parts += [f"shadow.{f}" for f in ShadowOverride.__struct_fields__
+                  if getattr(self.shadow, f) is not None]
+        parts += [f"actions.{a}" for a in self.actions]
+        return parts
+
+
+_SHADOW_FIELDS = ShadowOverride.__struct_fields__
+
+
+# -- Runtime <-> state -----------------------------------------------------------------
+
+def diff(base: Runtime, current: Runtime) -> RuntimeState:
+    """What ``current`` changed relative to ``base`` (the config file's Runtime)."""
+    shadow = ShadowOverride(**{f: getattr(current.shadow, f) for f in _SHADOW_FIELDS
+                               if getattr(current.shadow, f) != getattr(base.shadow, f)})
+    actions = {a: current.overrides.get(a, ActionRule())
+               for a in {*base.overrides, *current.overrides}
+               if current.overrides.get(a, ActionRule()) != base.overrides.get(a, ActionRule())}
+    return RuntimeState(
+        mode=current.mode if current.mode != base.mode else None,
+        weights=dict(current.weights) if current.weights != base.weights else None,
+        shadow=shadow,
+        actions=dict(sorted(actions.items())),
+    )
+
+
+def apply(base: Runtime, state: RuntimeState, backends: Collection[str],
+          default_timeout_ms: int) -> Runtime:
+    """``base`` with the state's overrides on top; StateError if they do not fit."""
+    check_state(state, backends)
+    rt = base
+    if state.mode is not None:
+        rt = rt.with_mode(state.mode)
+    if state.weights is not None:
+        # Keep the running backends' order (it fixes the bucket layout).
+        rt = replace(rt, table=RoutingTable({n: state.weights.get(n, 0.0) for n in backends}))
+    changes = {f: getattr(state.shadow, f) for f in _SHADOW_FIELDS
+               if getattr(state.shadow, f) is not None}
+    if changes:
+        rt = replace(rt, shadow=replace(rt.shadow, **changes))
+    if state.actions:
+        overrides = {**rt.overrides, **state.actions}
+        rt = replace(rt, overrides=overrides, rules=resolve_rules(overrides, default_timeout_ms))
+    return rt
+
+
+def rebase(state: RuntimeState, old_base: Runtime, new_base: Runtime) -> RuntimeState:
+    """Drop the overrides of every part the config file itself changed.
+
+    A reload then applies what was edited in the file and keeps the operator's run-time
+    changes to everything else (a SIGHUP for an unrelated edit must not undo a cutover).
+    """
+    return RuntimeState(
+        mode=state.mode if old_base.mode == new_base.mode else None,
+        weights=state.weights if old_base.weights == new_base.weights else None,
+        shadow=ShadowOverride(**{
+            f: getattr(state.shadow, f) for f in _SHADOW_FIELDS
+            if getattr(old_base.shadow, f) == getattr(new_base.shadow, f)}),
+        actions={a: rule for a, rule in state.actions.items()
+                 if old_base.overrides.get(a, ActionRule())
+                 == new_base.overrides.get(a, ActionRule())},
+    )
+
+
+def check_state(state: RuntimeState, backends: Collection[str]) -> None:
+    """The checks a config file gets, for the overridden parts."""
+    names = set(backends)
+    try:
+        if state.weights is not None:
+            check_weights(state.weights, names, "state", "weights")
+    except ValueError as exc:
+        raise StateError(str(exc)) from None
+    check_shadow(state.shadow.percent, state.shadow.max_inflight, state.shadow.timeout_ms)
+    for action, rule in state.actions.items():
+        check_rule(action, rule, names)
+
+
+def check_shadow(percent: float | None, max_inflight: int | None,
+                 timeout_ms: int | None) -> None:
+    if percent is not None and not 0 <= percent <= 100:
+        raise StateError(f"shadow.percent {percent} must be within 0..100")
+    if max_inflight is not None and max_inflight < 1:
+        raise StateError(f"shadow.max_inflight {max_inflight} must be at least 1")
+    if timeout_ms is not None and timeout_ms <= 0:
+        raise StateError(f"shadow.timeout_ms {timeout_ms} must be positive")
+
+
+def check_rule(action: str, rule: ActionRule, backends: Collection[str]) -> None:
+    """A per-action rule names a known action and backend, and keeps state changes safe."""
+    if action not in ACTIONS:
+        raise StateError(f"unknown action {action!r} (expected one of {', '.join(ACTIONS)})")
+    if rule.pin and rule.pin not in backends:
+        raise StateError(f"actions.{action}.pin: unknown backend {rule.pin!r}")
+    if rule.timeout_ms is not None and rule.timeout_ms <= 0:
+        raise StateError(f"actions.{action}.timeout_ms must be positive")
+    if action in STATEFUL_ACTIONS and rule.mirror not in (None, "never"):
+        # Design invariant 3: a load or unload reaches one backend, once.
+        raise StateError(f"actions.{action}.mirror: {action} changes a backend's state "
+                         "and is never mirrored")
+
+
+# -- the file --------------------------------------------------------------------------
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    # The rename itself is only durable once the directory entry is.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def encode_state(state: RuntimeState) -> bytes:
+    """Indented JSON with the version first and only the overridden parts."""
+    raw = msgspec.to_builtins(state)  # omit_defaults: unset parts are left out
+    if not raw.get("shadow"):
+        raw.pop("shadow", None)
+    raw = {"version": state.version, **raw}
+    return msgspec.json.format(msgspec.json.encode(raw), indent=2) + b"\n"
+
+
+def decode_state(data: bytes, source: str = "<state>") -> RuntimeState:
+    try:
+        state = msgspec.json.decode(data, type=RuntimeState)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise StateError(f"{source}: {exc}") from None
+    if state.version != STATE_VERSION:
+        raise StateError(f"{source}: version {state.version}, expected {STATE_VERSION}")
+    return state
+
+
+class StateFile:
+    """The state file: read once at start, rewritten after every change.
+
+    Writes run in a worker thread so an fsync never stalls the data path, and they
+    coalesce: a burst of changes costs a few writes, and the last write is always of the
+    latest state.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._latest = RuntimeState()
+        self._wanted = 0  # generation of the latest state handed to save()
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def load(self) -> RuntimeState | None:
+        """The saved state, None when there is none; StateError when it is unreadable."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"{self.path}: cannot read: {exc.strerror}") from None
+        return decode_state(data, str(self.path))
+
+    def write(self, state: RuntimeState) -> None:
+        """Write now, in the calling thread."""
+        atomic_write(self.path, encode_state(replace_saved_at(state)))
+
+    async def save(self, state: RuntimeState) -> None:
+        """Persist ``state``; returns once a write of it (or of a newer one) is durable.
+
+        Raises OSError when that write failed (the change stays applied in memory).
+        """
+        self._wanted += 1
+        self._latest = state
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._wanted, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+        await done
+
+    async def flush(self) -> None:
+        """Wait for the writes already asked for (at shutdown)."""
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._writer)
+
+    async def _write_pending(self) -> None:
+        written = 0
+        while written < self._wanted:
+            generation, state = self._wanted, self._latest
+            error: OSError | None = None
+            try:
+                await asyncio.to_thread(self.write, state)
+            except OSError as exc:
+                error = exc
+            written = generation
+            still_waiting = []
+            for gen, fut in self._waiters:
+                if gen > written:
+                    still_waiting.append((gen, fut))
+                elif not fut.done():
+                    if error is None:
+                        fut.set_result(None)
+                    else:
+                        fut.set_exception(error)
+            self._waiters = still_waiting
+
+
+def replace_saved_at(state: RuntimeState) -> RuntimeState:
+    return msgspec.structs.replace(state, saved_at=round(time.time(), 3))
