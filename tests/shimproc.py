@@ -129,22 +129,37 @@ def shim_config(backends: dict[str, Any], tmp_path: Path, **sections: Any) -> di
 
 
 def start_shim(cfg: dict[str, Any], tmp_path: Path, *, extra_args: tuple[str, ...] = (),
-               env: dict[str, str] | None = None, wait: bool = True) -> ShimProc:
-    path = tmp_path / f"shim-{free_port()}.json"
-    path.write_text(json.dumps(cfg))
-    proc = Proc([sys.executable, "-m", "shim.cli", "run", "--config", str(path),
-                 "--log-level", "warning", *extra_args], cwd=ROOT, env=env)
-    s = cfg["shim"]
-    shim = ShimProc(proc, path, int(s["listen"].rsplit(":", 1)[1]),
-                    int(s["health"].rsplit(":", 1)[1]), int(s["metrics"].rsplit(":", 1)[1]),
-                    int(s["admin"].rsplit(":", 1)[1]))
-    if wait:
+               env: dict[str, str] | None = None, wait: bool = True,
+               path: Path | None = None) -> ShimProc:
+    """Run ``mmshim run`` on ``cfg`` and wait for its health socket.
+
+    A port that ``free_port`` handed out can be taken by another process before the shim
+    binds it; the shim then exits naming the endpoint, and we retry on fresh ports.
+    """
+    for attempt in range(3):
+        path = path or tmp_path / f"shim-{free_port()}.json"
+        path.write_text(json.dumps(cfg))
+        proc = Proc([sys.executable, "-m", "shim.cli", "run", "--config", str(path),
+                     "--log-level", "warning", *extra_args], cwd=ROOT, env=env)
+        s = cfg["shim"]
+        shim = ShimProc(proc, path, int(s["listen"].rsplit(":", 1)[1]),
+                        int(s["health"].rsplit(":", 1)[1]), int(s["metrics"].rsplit(":", 1)[1]),
+                        int(s["admin"].rsplit(":", 1)[1]))
+        if not wait:
+            return shim
         try:
-            req(shim.health_endpoint, b"?", timeout=10.0)
+            req(shim.health_endpoint, b"?", timeout=20.0)
+            return shim
         except Exception as exc:
             shim.kill()
-            raise RuntimeError(f"shim did not start: {exc}\n{proc.log()}") from None
-    return shim
+            log = proc.log()
+            if "in use" in log and attempt < 2:
+                for key in ("listen", "health", "admin"):
+                    s[key] = f"tcp://127.0.0.1:{free_port()}"
+                s["metrics"] = f"127.0.0.1:{free_port()}"
+                continue
+            raise RuntimeError(f"shim did not start: {exc}\n{log}") from None
+    raise AssertionError("unreachable")
 
 
 def request(endpoint: str, obj: Any, timeout: float = 6.0) -> dict[str, Any]:
