@@ -20,6 +20,7 @@ from shim.metrics import Metrics
 from shim.ownership import Ownership
 from shim.proxy import Proxy
 from shim.shadow import Shadow
+from shim.sockets import EndpointInUse
 
 log = logging.getLogger("mmshim")
 
@@ -59,7 +60,11 @@ class Shim:
             self._plug_addons(self.proxy)
             await self._start_extras()
             if self._serve_metrics and self.cfg.shim.metrics:
-                self.metrics.serve(self.cfg.shim.metrics)
+                try:
+                    self.metrics.serve(self.cfg.shim.metrics)
+                except OSError as exc:
+                    raise EndpointInUse(f"metrics address {self.cfg.shim.metrics} is already "
+                                        f"in use or not bindable ({exc.strerror})") from None
         except Exception:
             await self._close()
             raise
