@@ -258,14 +258,19 @@ class Proxy:
         raise last
 
     def _translate_reply(self, op: Op, dialect: str, replies: list[bytes]) -> bytes:
-        decoded: list[dict[str, Any]] = []
+        """The backend's replies, read in its dialect and rendered in the caller's.
+
+        An unusable reply raises BackendBadReply, so that the request can fail over.
+        """
+        decoded: list[Any] = []
         for raw in replies:
             try:
-                value = _decode(raw)
+                decoded.append(_decode(raw))
             except msgspec.DecodeError:
-                raise ShimReply(BackendBadReply.code, "backend reply is not valid JSON") from None
-            decoded.append(value if isinstance(value, dict) else {"error": "reply not an object"})
+                raise BackendBadReply(f"{dialect} backend reply is not valid JSON") from None
         result = dialects.parse_reply(op, dialect, decoded)
+        if not result.ok and result.error_code == BackendBadReply.code:
+            raise BackendBadReply(result.message or "unusable backend reply")
         return _encode(dialects.render_reply(op, result))
 
     async def call(self, backend: str, msg: dict[str, Any], timeout_s: float) -> Result:
