@@ -1,0 +1,153 @@
+"""Child processes for the benchmark: started on free loopback ports, always cleaned up.
+
+Every child gets ``PR_SET_PDEATHSIG = SIGKILL``, so even a benchmark that is itself
+SIGKILLed leaves nothing running; a normal exit stops children with SIGTERM and falls
+back to SIGKILL. ``cpu_seconds`` and ``rss_kb`` read a process's own accounting from /proc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class Proc:
+    """A child process whose stderr (and stdout unless piped) goes to a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, *,
+                 ready_line: bool = False, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env={**os.environ, **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if ready_line else self._log, stderr=self._log,
+            preexec_fn=_die_with_parent)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, timeout_s: float = 15.0) -> None:
+        """Wait for the child's ``READY`` line on stdout (bench.echo prints one)."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        buf = b""
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+            if r:
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                if b"READY" in buf:
+                    return
+            elif not self.alive():
+                break
+        raise RuntimeError(f"{self.name} did not become ready:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            self._log.flush()
+            text = self.log_path.read_text(errors="replace").splitlines()
+            return "\n".join(text[-lines:])
+        return ""
+
+    def stop(self, timeout_s: float = 3.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._close()
+
+    def kill(self) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2.0)
+        self._close()
+
+    def _close(self) -> None:
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+
+
+class ProcGroup:
+    """Every child of one benchmark run; ``close`` stops them all (last started first)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], **kw: object) -> Proc:
+        proc = Proc(name, argv, self.log_dir, **kw)  # type: ignore[arg-type]
+        self.procs.append(proc)
+        return proc
+
+    def python(self, name: str, module: str, *args: str, **kw: object) -> Proc:
+        return self.start(name, [sys.executable, "-m", module, *args], **kw)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        for proc in reversed(self.procs):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.proc.wait(max(0.05, deadline - time.monotonic()))
+            proc.kill()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of stat(5)
+
+
+def rss_kb(pid: int) -> int:
+    """VmRSS of the process in kB (0 when it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
