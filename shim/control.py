@@ -474,8 +474,9 @@ class Controller:
             if self.proxy.policy != new_cfg.policy:
                 self.proxy.policy.clear()
                 self.proxy.policy.update(new_cfg.policy)
-            if self.shim.shadow is not None:  # compare rules and the diff log
-                self.shim.shadow.reload(new_cfg.shadow)
+            shadow = getattr(self.shim, "shadow", None)
+            if shadow is not None:  # its compare rules and diff log
+                shadow.reload(new_cfg.shadow)
             return new
 
         reply = await self._apply("reload", client, change, always_audit=True,

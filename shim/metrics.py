@@ -7,6 +7,7 @@ only does a dict lookup and a locked increment.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily
@@ -21,6 +22,7 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter("shim_requests",
                                 "Requests answered, by backend, action and outcome",
                                 ["backend", "action", "outcome"], registry=r)
@@ -58,6 +60,17 @@ class Metrics:
                                ["backend"], registry=r)
         self.vram_budget = Gauge("shim_backend_vram_budget_mb", "VRAM budget per backend ledger",
                                  ["backend"], registry=r)
+
+    def record_request(self, backend: str, action: str, outcome: str, seconds: float) -> None:
+        """Count one answered request and its latency (label children cached: hot path)."""
+        key = (backend, action, outcome)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(backend, action, outcome),
+                        self.latency.labels(backend, action))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def export_counts(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """Frontend totals read at scrape time (no cost on the hot path):

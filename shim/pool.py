@@ -21,7 +21,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from shim.config import BackendConfig, HealthSection
 from shim.metrics import Metrics
-from shim.sockets import BatchReader, Frames
+from shim.sockets import BatchReader, Frames, send_frames
 
 log = logging.getLogger("mmshim.pool")
 
@@ -90,6 +90,7 @@ class Backend:
     failures: int = 0
     failure_limit: int = 3
     last_failure: float = 0.0  # time.monotonic()
+    connected_endpoints: int = 0
 
     def record_failure(self) -> None:
         self.failures += 1
@@ -105,12 +106,13 @@ class Backend:
 
     @property
     def connected(self) -> bool:
-        return any(e.connected for e in self.endpoints)
+        return self.connected_endpoints > 0
 
     @property
     def healthy(self) -> bool:
         """Worth sending to: probes pass, requests are not failing, a peer is connected."""
-        return self.probe_ok and self.failures < self.failure_limit and self.connected
+        return (self.probe_ok and self.failures < self.failure_limit
+                and self.connected_endpoints > 0)
 
 
 class BackendPool:
@@ -159,13 +161,17 @@ class BackendPool:
         fail over without waiting.
         """
         backend = self.backends[backend_name]
-        endpoint = min((e for e in backend.endpoints if e.connected),
-                       key=lambda e: e.outstanding, default=None)
+        endpoints = backend.endpoints
+        if len(endpoints) == 1:
+            endpoint: Endpoint | None = endpoints[0] if endpoints[0].connected else None
+        else:
+            endpoint = min((e for e in endpoints if e.connected),
+                           key=lambda e: e.outstanding, default=None)
         if endpoint is None:
             raise BackendUnavailable(f"backend {backend_name} is not connected")
         corr = next(self._ids).to_bytes(8, "big")
         try:
-            endpoint.sock.send_multipart((corr, b"", payload), zmq.NOBLOCK)
+            send_frames(endpoint.sock, (corr, b"", payload))
         except zmq.ZMQError as exc:
             raise BackendUnavailable(f"backend {backend_name}: cannot send ({exc})") from None
         assert endpoint.reader is not None
@@ -215,11 +221,14 @@ class BackendPool:
 
     def _on_monitor(self, endpoint: Endpoint, frames: Frames) -> None:
         event = parse_monitor_message(frames)["event"]
-        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not endpoint.connected:
             endpoint.connected = True
+            endpoint.backend.connected_endpoints += 1
             log.info("backend %s connected at %s", endpoint.backend.name, endpoint.address)
         elif event == zmq.EVENT_DISCONNECTED:
-            endpoint.connected = False
+            if endpoint.connected:
+                endpoint.connected = False
+                endpoint.backend.connected_endpoints -= 1
             log.warning("backend %s disconnected at %s", endpoint.backend.name, endpoint.address)
             self._fail_endpoint(endpoint)
 

@@ -24,7 +24,7 @@ from shim.metrics import Metrics
 from shim.pool import BackendBadReply, BackendError, BackendPool
 from shim.routing import bucket_of, random_bucket
 from shim.runtime import Rule, Runtime, runtime_from_config
-from shim.sockets import BatchReader, Frames, bind_or_explain
+from shim.sockets import BatchReader, Frames, bind_or_explain, send_frames
 
 log = logging.getLogger("mmshim.proxy")
 
@@ -127,7 +127,7 @@ class Proxy:
 
     def _send(self, envelope: Frames, reply: bytes) -> None:
         try:
-            self.frontend.send_multipart([*envelope, reply], zmq.NOBLOCK)
+            send_frames(self.frontend, [*envelope, reply])
             self.counts["replies"] += 1
         except zmq.ZMQError:
             # ROUTER_MANDATORY: the client has gone (or is not reading); count, move on.
@@ -188,8 +188,7 @@ class Proxy:
             outcome = "SHIM_INTERNAL"
             self._reply_error(envelope, msg, outcome, f"internal error: {exc}")
         finally:
-            self.metrics.requests.labels(backend, action, outcome).inc()
-            self.metrics.latency.labels(backend, action).observe(time.perf_counter() - started)
+            self.metrics.record_request(backend, action, outcome, time.perf_counter() - started)
 
     def _route(self, rt: Runtime, op: Op, msg: dict[str, Any], rule: Rule) -> list[str]:
         """Backends to try, in order: pin, else weights (sticky), then failover."""
@@ -204,8 +203,9 @@ class Proxy:
             candidates.sort(key=lambda n: backends[n].dialect != op.dialect)
         for addon in self.addons:
             candidates = addon.route(op, candidates, rt)
-        if rule.failover:  # healthy backends first, the others only as a last resort
-            candidates = sorted(candidates, key=lambda n: not backends[n].healthy)
+        if rule.failover and not all(backends[n].healthy for n in candidates):
+            # healthy backends first, the others only as a last resort
+            candidates.sort(key=lambda n: not backends[n].healthy)
         return candidates
 
     async def _forward(self, rt: Runtime, op: Op, payload: bytes, candidates: list[str],
@@ -215,7 +215,7 @@ class Proxy:
         A candidate whose dialect has no equivalent of the operation is skipped whatever
         the rule says; one that fails is left for the next only when failover is allowed.
         """
-        last: ShimReply = ShimReply("SHIM_NO_BACKEND", "no backend is available")
+        last: ShimReply | None = None
         for i, name in enumerate(candidates):
             backend = self.pool.backends[name]
             translate = rule.translate and op.dialect != backend.dialect
@@ -255,7 +255,7 @@ class Proxy:
             finally:
                 for addon in self.addons:
                     addon.after_send(op, name, reply)
-        raise last
+        raise last or ShimReply("SHIM_NO_BACKEND", "no backend is available")
 
     def _translate_reply(self, op: Op, dialect: str, replies: list[bytes]) -> bytes:
         """The backend's replies, read in its dialect and rendered in the caller's.

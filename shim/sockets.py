@@ -18,6 +18,39 @@ import zmq
 Frames = list[bytes]
 
 
+# pyzmq's flag constants are enums; combining them per frame costs more than the send.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+def recv_frames(sock: zmq.Socket[bytes]) -> Frames:
+    """One whole multipart message from a socket known to be readable."""
+    recv, get = sock.recv, sock.get
+    frames = [recv(_NOBLOCK)]
+    while get(_RCVMORE):
+        frames.append(recv(_NOBLOCK))
+    return frames
+
+
+def send_frames(sock: zmq.Socket[bytes], frames: Frames | tuple[bytes, ...]) -> None:
+    """Send a multipart message without blocking (raises zmq.Again / ZMQError).
+
+    libzmq accepts or refuses a multipart message as a whole at its first frame, so a
+    refusal never leaves half a message behind.
+    """
+    send, last = sock.send, len(frames) - 1
+    for i, frame in enumerate(frames):
+        send(frame, _SNDMORE_NOBLOCK if i < last else _NOBLOCK)
+
+
+def readable(sock: zmq.Socket[bytes]) -> bool:
+    """Whether a message is waiting (this also lets libzmq process its commands)."""
+    return bool(sock.get(_EVENTS) & _POLLIN)  # type: ignore[operator]
+
+
 class BatchReader:
     """Calls ``on_message(frames)`` for every multipart message the socket receives."""
 
@@ -38,7 +71,7 @@ class BatchReader:
         if not self._armed:
             self._loop.add_reader(self._fd, self._drain)
             self._armed = True
-        self.kick()
+        self._schedule()
 
     def stop(self) -> None:
         """Stop reading; queued messages stay in the socket."""
@@ -48,7 +81,11 @@ class BatchReader:
 
     def kick(self) -> None:
         """Re-check the socket after a send (the edge may have been consumed)."""
-        if self._armed and not self._scheduled:
+        if self._armed and not self._scheduled and readable(self.sock):
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
             self._scheduled = True
             self._loop.call_soon(self._drain)
 
@@ -56,22 +93,16 @@ class BatchReader:
         self._scheduled = False
         if not self._armed:
             return
-        recv, on_message = self.sock.recv_multipart, self._on_message
-        for _ in range(self._batch):
-            try:
-                frames = recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return  # socket closed under us during shutdown
-            on_message(frames)
+        sock, on_message = self.sock, self._on_message
+        try:
+            for _ in range(self._batch):
+                if not readable(sock):
+                    return
+                on_message(recv_frames(sock))
+        except zmq.ZMQError:
+            return  # socket closed under us during shutdown
         # More may be queued: yield to other sockets, then continue.
-        self.kick()
-
-
-def send_frames(sock: zmq.Socket[bytes], frames: Frames) -> None:
-    """Send a multipart message without blocking (raises zmq.Again / ZMQError)."""
-    sock.send_multipart(frames, zmq.NOBLOCK)
+        self._schedule()
 
 
 def bind_or_explain(sock: zmq.Socket[bytes], endpoint: str, role: str) -> None:
