@@ -11,6 +11,7 @@ instead of letting them run into their deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -91,6 +92,8 @@ class Backend:
     failure_limit: int = 3
     last_failure: float = 0.0  # time.monotonic()
     connected_endpoints: int = 0
+    #: Set while at least one endpoint is connected.
+    connected_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record_failure(self) -> None:
         self.failures += 1
@@ -186,6 +189,14 @@ class BackendPool:
     def inflight(self) -> int:
         return len(self._pending)
 
+    async def wait_connected(self, backend_name: str, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) until the backend has a connected endpoint."""
+        event = self.backends[backend_name].connected_event
+        if not event.is_set() and timeout_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+        return event.is_set()
+
     # -- receiving -------------------------------------------------------------------
 
     def _on_reply(self, endpoint: Endpoint, frames: Frames) -> None:
@@ -224,11 +235,14 @@ class BackendPool:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED and not endpoint.connected:
             endpoint.connected = True
             endpoint.backend.connected_endpoints += 1
+            endpoint.backend.connected_event.set()
             log.info("backend %s connected at %s", endpoint.backend.name, endpoint.address)
         elif event == zmq.EVENT_DISCONNECTED:
             if endpoint.connected:
                 endpoint.connected = False
                 endpoint.backend.connected_endpoints -= 1
+                if not endpoint.backend.connected_endpoints:
+                    endpoint.backend.connected_event.clear()
             log.warning("backend %s disconnected at %s", endpoint.backend.name, endpoint.address)
             self._fail_endpoint(endpoint)
 

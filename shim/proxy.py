@@ -30,6 +30,25 @@ log = logging.getLogger("mmshim.proxy")
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
+#: What msgspec raises on bad JSON: deep nesting and invalid UTF-8 escape DecodeError.
+_BAD_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
+class _AnyObject(msgspec.Struct):
+    """Decoding into this checks "a JSON object" without building its values."""
+
+
+_check_object = msgspec.json.Decoder(_AnyObject).decode
+
+
+def _json_object(reply: bytes, backend: str) -> bytes:
+    """A passed-through reply, checked to be a JSON object (else BackendBadReply)."""
+    try:
+        _check_object(reply)
+    except (*_BAD_JSON, msgspec.ValidationError):
+        raise BackendBadReply(f"backend {backend} sent a reply that is not a JSON object") \
+            from None
+    return reply
 
 
 class Addon(Protocol):
@@ -153,7 +172,7 @@ class Proxy:
         try:
             try:
                 msg = _decode(payload)
-            except msgspec.DecodeError:
+            except _BAD_JSON:
                 if not self._forward_opaque:
                     self.metrics.bad_requests.labels("not_json").inc()
                     raise ShimReply("SHIM_BAD_REQUEST", "request is not valid JSON") from None
@@ -234,6 +253,10 @@ class Proxy:
                     waiting = addon.before_send(op, name)
                     if waiting is not None:
                         await _bounded(waiting, deadline)
+                last_chance = not (rule.failover and i + 1 < len(candidates))
+                if last_chance and not backend.connected:
+                    # Nothing else to try: a restarting backend has until the deadline.
+                    await self.pool.wait_connected(name, deadline - time.perf_counter())
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     raise ShimReply("SHIM_TIMEOUT", "deadline passed before a backend was free")
@@ -244,7 +267,7 @@ class Proxy:
                     replies = await asyncio.gather(
                         *[self.pool.request(name, r, timeout) for r in requests])
                 reply = (self._translate_reply(op, backend.dialect, replies) if translate
-                         else replies[0])
+                         else _json_object(replies[0], name))
                 return name, reply
             except BackendError as exc:
                 last = ShimReply(exc.code, str(exc))
@@ -266,7 +289,7 @@ class Proxy:
         for raw in replies:
             try:
                 decoded.append(_decode(raw))
-            except msgspec.DecodeError:
+            except _BAD_JSON:
                 raise BackendBadReply(f"{dialect} backend reply is not valid JSON") from None
         result = dialects.parse_reply(op, dialect, decoded)
         if not result.ok and result.error_code == BackendBadReply.code:
@@ -285,7 +308,7 @@ class Proxy:
         for item in raw:
             try:
                 replies.append(_decode(item))
-            except msgspec.DecodeError:
+            except _BAD_JSON:
                 replies.append({"error": "reply is not valid JSON"})
         return dialects.parse_reply(op, dialect, replies)
 
@@ -295,7 +318,7 @@ class Proxy:
         name = rt.table.backend_for(random_bucket())
         timeout = self.cfg.shim.default_timeout_ms / 1000 - (time.perf_counter() - started)
         try:
-            return name, await self.pool.request(name, payload, timeout)
+            return name, _json_object(await self.pool.request(name, payload, timeout), name)
         except BackendError as exc:
             raise ShimReply(exc.code, str(exc)) from None
 

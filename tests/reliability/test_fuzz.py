@@ -332,21 +332,12 @@ def test_fuzz_json_payloads_real_backends(fuzz_real: FuzzShim) -> None:
 
 #: Inputs the fuzzers do not reach on their own (json.dumps always writes valid UTF-8 and
 #: shallow values), each of which must get SHIM_BAD_REQUEST like any other bad input.
-NASTY_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="SHIM BUG (invariant 5, 'bad input is answered with a clear error reply and a "
-           "metric'): msgspec raises RecursionError (deep nesting) or UnicodeDecodeError "
-           "(invalid UTF-8 inside a string), not DecodeError; Proxy._handle answers "
-           "SHIM_INTERNAL and logs a traceback per request instead of SHIM_BAD_REQUEST")
-
-
 @pytest.mark.parametrize("payload", [
     pytest.param(b"[" * 600 + b"]" * 600, id="nested-array-600"),
     pytest.param(b'{"action": "generate", "params": ' + b"[" * 2000 + b"]" * 2000 + b"}",
-                 id="nested-2000-in-object", marks=NASTY_BUG),
-    pytest.param(b'{"model_id": "phi-2", "request_id": "\xff\xfe"}', id="invalid-utf8-in-string",
-                 marks=NASTY_BUG),
-    pytest.param(b'"\x80"', id="invalid-utf8-string-value", marks=NASTY_BUG),
+                 id="nested-2000-in-object"),
+    pytest.param(b'{"model_id": "phi-2", "request_id": "\xff\xfe"}', id="invalid-utf8-in-string"),
+    pytest.param(b'"\x80"', id="invalid-utf8-string-value"),
     pytest.param(b'{"model_id": "phi-2", "request_id": "\\ud800"}', id="lone-surrogate"),
     pytest.param(b'{"command": "LOAD_MODEL", "priority": 1e999}', id="float-overflow"),
     pytest.param(b'{"action": "generate", "prompt": NaN}', id="nan"),
