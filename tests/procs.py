@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,12 +39,27 @@ MODEL_FILES = ("tiny.ngram", "base.ngram")
 DEFAULT_MODELS_TOML = REPO_ROOT / "config" / "models.toml"
 
 
+#: Ports below the kernel's ephemeral range (32768+ here): an outgoing connection never
+#: takes one of them as its source port between our check and the server's bind.
+_PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A currently unused TCP port on 127.0.0.1 (bind port 0, read it back, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that is free now and not handed out before by this process."""
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        port = rng.randrange(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError("no free port found")
 
 
 class Proc:
