@@ -15,44 +15,40 @@ from typing import Any
 
 import zmq
 
-from tests.procs import Proc, free_port, req
+from tests.procs import Backend, Proc, free_port, req
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
-class Fake:
-    """A fake backend process and where it listens."""
+class Fake(Backend):
+    """A fake backend (tests/fakes.py): a Backend of dialect ``kind`` whose replies carry
+    its ``name``."""
 
-    proc: Proc
-    name: str
-    dialect: str
-    port: int
-    health_port: int
+    name: str = ""
 
     @property
-    def endpoint(self) -> str:
-        return f"tcp://127.0.0.1:{self.port}"
-
-    @property
-    def health_endpoint(self) -> str:
-        return f"tcp://127.0.0.1:{self.health_port}"
-
-    def stop(self) -> int:
-        return self.proc.stop()
+    def dialect(self) -> str:
+        return self.kind
 
     def kill(self) -> None:
         self.proc.kill()
 
 
 def start_fake(name: str, dialect: str = "mma", mode: str = "ok", *, delay_ms: int = 0,
-               port: int | None = None, health_port: int | None = None) -> Fake:
+               port: int | None = None, health_port: int | None = None,
+               loaded: str | None = None, rename: str = "") -> Fake:
+    """Run tests/fakes.py (see its options) and wait until its health socket answers."""
     port = port or free_port()
     health_port = health_port or free_port()
-    proc = Proc([sys.executable, "-m", "tests.fakes", "--name", name, "--dialect", dialect,
-                 "--port", str(port), "--health-port", str(health_port), "--mode", mode,
-                 "--delay-ms", str(delay_ms)], cwd=ROOT)
-    fake = Fake(proc, name, dialect, port, health_port)
+    argv = [sys.executable, "-m", "tests.fakes", "--name", name, "--dialect", dialect,
+            "--port", str(port), "--health-port", str(health_port), "--mode", mode,
+            "--delay-ms", str(delay_ms)]
+    if loaded is not None:
+        argv += ["--loaded", loaded]
+    if rename:
+        argv += ["--rename", rename]
+    fake = Fake(dialect, Proc(argv, cwd=ROOT), port, health_port, name=name)
     req(fake.health_endpoint, b"ping", timeout=10.0)
     return fake
 
@@ -117,8 +113,7 @@ def shim_config(backends: dict[str, Any], tmp_path: Path, **sections: Any) -> di
         if isinstance(b, dict):
             cfg["backends"][name] = b
         else:
-            dialect = getattr(b, "dialect", None) or b.kind  # a Fake, or a real Backend
-            cfg["backends"][name] = {"dialect": dialect, "endpoints": [b.endpoint],
+            cfg["backends"][name] = {"dialect": b.kind, "endpoints": [b.endpoint],
                                      "health": b.health_endpoint}
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

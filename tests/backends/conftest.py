@@ -8,13 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.procs import MODELS_DIR, Backend, ensure_models, start_backend
-
-
-@pytest.fixture(scope="session", autouse=True)
-def model_files() -> Path:
-    """``models/*.ngram`` exist (built like ``make models`` if missing)."""
-    return ensure_models()
+from tests.procs import MODELS_DIR, Backend, start_backend
 
 
 def _toml_value(value: Any) -> str:

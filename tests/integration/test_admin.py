@@ -36,21 +36,6 @@ CLEAN_ENV = {k: v for k, v in os.environ.items()
 
 
 @pytest.fixture
-def fakes() -> Iterator[dict[str, Fake]]:
-    started = {"mma": start_fake("mma", "mma"), "mms": start_fake("mms", "mms")}
-    yield started
-    for fake in started.values():
-        fake.kill()
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def shims() -> Iterator[list[ShimProc]]:
     """Shims a test started, killed at the end whatever happened."""
     started: list[ShimProc] = []

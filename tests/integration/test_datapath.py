@@ -13,30 +13,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 import zmq
 
 from tests.procs import free_port, req
-from tests.shimproc import ROOT, Fake, shim_config, start_fake, start_shim
+from tests.shimproc import ROOT, shim_config, start_fake, start_shim
 
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "hello", "params": {"max_tokens": 4}}
-
-
-@pytest.fixture
-def fakes() -> Iterator[dict[str, Fake]]:
-    started = {"mma": start_fake("mma", "mma"), "mms": start_fake("mms", "mms")}
-    yield started
-    for fake in started.values():
-        fake.kill()
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def served_by(reply: dict) -> str:

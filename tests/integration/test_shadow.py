@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import zmq
 
-from tests.procs import REPO_ROOT, Proc, free_port, req, start_backend
-from tests.shimproc import Fake, ShimProc, shim_config, start_shim
+from tests.procs import REPO_ROOT, free_port, req, start_backend
+from tests.shimproc import Fake, ShimProc, shim_config, start_fake, start_shim
 
 SECRET = "SHADOW-ONLY-7f3a"  # the shadow fake's name: it is in every reply it sends
 GEN_FAST = {"action": "generate", "model_pref": "fast", "prompt": "hi", "params": {"max_tokens": 4}}
@@ -31,21 +31,6 @@ STATUS = {"action": "status"}
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-def start_fake(name: str, dialect: str, *, mode: str = "ok", loaded: str | None = None,
-               rename: str = "") -> Fake:
-    """tests/shimproc.start_fake with the fake's shadow-test options."""
-    port, health_port = free_port(), free_port()
-    argv = [sys.executable, "-m", "tests.fakes", "--name", name, "--dialect", dialect,
-            "--port", str(port), "--health-port", str(health_port), "--mode", mode]
-    if loaded is not None:
-        argv += ["--loaded", loaded]
-    if rename:
-        argv += ["--rename", rename]
-    fake = Fake(Proc(argv, cwd=REPO_ROOT), name, dialect, port, health_port)
-    req(fake.health_endpoint, b"ping", timeout=10.0)
-    return fake
-
 
 def received(fake: Fake) -> dict[str, int]:
     """What the fake has received so far, by action/command (and model)."""
