@@ -323,6 +323,10 @@ def show_reload(reply: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def show_diffs(reply: dict[str, Any]) -> str:
+    return f"diff log: {reply.get('diff_log')}\n{reply.get('text', '')}"
+
+
 def show_json(reply: dict[str, Any]) -> str:
     return json.dumps(reply, indent=2, sort_keys=True)
 
@@ -409,9 +413,9 @@ def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
                 lambda a: ("reload", {"reset": a.reset}), show_reload)
     p.add_argument("--reset", action="store_true",
                    help="also drop run-time changes: the file becomes the whole truth")
-    # `ctl diffs` (shadow comparisons) goes here, next to its renderer: the shadow addon
-    # offers a "diffs" command through admin_commands() (see Controller.start). Until
-    # then any addon command works as `ctl call NAME '{...}'`.
+    p = command("diffs", "shadow comparisons so far: mismatch rate and paths per action",
+                lambda a: ("diffs", {"top": a.top}), show_diffs)
+    p.add_argument("--top", type=int, default=5, help="differing paths shown per action")
     p = command("call", "send any admin command (e.g. one an addon registered)", req_call,
                 show_json)
     p.add_argument("name", metavar="COMMAND")

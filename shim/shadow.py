@@ -46,7 +46,7 @@ from shim import dialects
 from shim.compare import Diff, Rules, RuleSet, compare, generalize, split_noise
 from shim.config import BackendConfig, ShadowSection, ShimConfig
 from shim.dialects import Kind, Op
-from shim.difflog import DiffLog
+from shim.difflog import DiffLog, Tally, log_files, read_records
 from shim.metrics import Metrics
 from shim.pool import BackendError, BackendPool, BackendTimeout
 from shim.routing import bucket_of
@@ -254,6 +254,21 @@ class Shadow:
             await asyncio.to_thread(self._difflog.close)
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=5.0)
+
+    def admin_commands(self) -> dict[str, Any]:
+        """``diffs`` on the admin socket (``mmshim ctl diffs``): the diff log's report."""
+        return {"diffs": self._diffs_report}
+
+    async def _diffs_report(self, args: dict[str, Any]) -> dict[str, Any]:
+        top = args.get("top", 5)
+        top = top if isinstance(top, int) and top > 0 else 5
+        path = self._settings.diff_log
+
+        def read() -> Tally:  # a file read: off the event loop
+            return Tally().add_all(read_records(path)) if log_files(path) else Tally()
+
+        tally = await asyncio.to_thread(read)
+        return {"diff_log": path, "report": tally.as_json(top), "text": tally.format(top)}
 
     def describe(self) -> dict[str, Any]:
         """For status replies: what the shadow is doing now."""

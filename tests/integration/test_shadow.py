@@ -299,6 +299,9 @@ def test_renamed_field_shows_in_the_diff_log_and_the_diffs_report(tmp_path: Path
         assert counts[("status", "mismatch")] == 40
         assert received(fakes["mms"]).get("generate_text:mistral-7b", 0) == 0
         assert received(twin).get("status", 0) >= 40  # the twin got its copies too
+        # The same report from the running shim, through the admin socket.
+        wait_for(lambda: "total_models" in mmshim(
+            "ctl", "--config", str(shim.config_path), "diffs").stdout, what="ctl diffs")
     finally:
         assert shim.stop() == 0  # flushes the diff log's last tally
         for fake in [*fakes.values(), twin]:
