@@ -3,7 +3,7 @@
 Every request that comes in through the frontend ROUTER leaves through it exactly once:
 with the backend's reply, or with the shim's own error reply, before the request's
 deadline. Behaviour beyond moving requests (model ownership, shadowing) plugs in as
-addons with three hooks, so the core stays readable.
+addons with four hooks (``Addon``), so the core stays readable.
 """
 
 from __future__ import annotations
@@ -191,10 +191,9 @@ class Proxy:
             rule = rt.rules[action]
             deadline = started + rule.timeout_ms / 1000
             candidates = self._route(rt, op, msg, rule)
-            backend, reply = await self._forward(rt, op, payload, candidates, rule, deadline)
+            backend, reply = await self._forward(op, payload, candidates, rule, deadline)
             self._send(envelope, reply)
-            for addon in self.addons:
-                addon.after_reply(op, backend, payload, reply, rt)
+            self._after_reply(op, backend, payload, reply, rt)  # never raises
         except ShimReply as exc:
             outcome = exc.code
             self._reply_error(envelope, msg, exc.code, exc.message)
@@ -208,6 +207,16 @@ class Proxy:
             self._reply_error(envelope, msg, outcome, f"internal error: {exc}")
         finally:
             self.metrics.record_request(backend, action, outcome, time.perf_counter() - started)
+
+    def _after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
+                     rt: Runtime) -> None:
+        """The addons' look at a finished exchange; the client has its one reply already,
+        so a failing addon is logged, never answered a second time."""
+        for addon in self.addons:
+            try:
+                addon.after_reply(op, backend, request, reply, rt)
+            except Exception:
+                log.exception("addon %s failed after a reply", type(addon).__name__)
 
     def _route(self, rt: Runtime, op: Op, msg: dict[str, Any], rule: Rule) -> list[str]:
         """Backends to try, in order: pin, else weights (sticky), then failover."""
@@ -227,8 +236,8 @@ class Proxy:
             candidates.sort(key=lambda n: not backends[n].healthy)
         return candidates
 
-    async def _forward(self, rt: Runtime, op: Op, payload: bytes, candidates: list[str],
-                       rule: Rule, deadline: float) -> tuple[str, bytes]:
+    async def _forward(self, op: Op, payload: bytes, candidates: list[str], rule: Rule,
+                       deadline: float) -> tuple[str, bytes]:
         """Send to the first candidate that can serve the request; fail over if allowed.
 
         A candidate whose dialect has no equivalent of the operation is skipped whatever
