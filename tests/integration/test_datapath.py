@@ -81,6 +81,7 @@ def test_weighted_split_70_30_over_10000_requests(fakes, tmp_path, ctx) -> None:
         payload = json.dumps(GEN).encode()
         replies = pipeline(ctx, shim.endpoint, [payload] * 10_000)
         counts = Counter(served_by(r) for r in replies)
+        print(f"\n[split 70/30] {dict(counts)}")
         assert counts["mma"] + counts["mms"] == 10_000, counts
         assert abs(counts["mma"] / 10_000 - 0.70) <= 0.02, counts
         # The MMS replies were translated back into the MMA shape.
@@ -104,6 +105,7 @@ def test_sticky_conversations_never_change_backend(fakes, tmp_path, ctx) -> None
         assert len(seen) == 300
         assert all(len(backends) == 1 for backends in seen.values())
         spread = Counter(next(iter(b)) for b in seen.values())
+        print(f"\n[sticky 50/50] 3,000 requests over 300 conversations: {dict(spread)}")
         assert spread["mma"] > 90 and spread["mms"] > 90  # both get conversations
     finally:
         shim.stop()
@@ -142,6 +144,7 @@ def test_backend_sigkill_under_load_every_client_gets_one_reply(tmp_path) -> Non
         assert not extra
         outcomes = Counter(r["status"] if r["status"] == "ok" else r.get("error_code")
                            for r in results if r)
+        print(f"\n[sigkill] 60 REQ clients, MMS killed mid-load: {dict(outcomes)}")
         assert set(outcomes) <= {"ok", "SHIM_BACKEND_LOST"}, outcomes
         # Afterwards the dead backend is skipped: everything is served by MMA.
         time.sleep(0.5)
@@ -161,6 +164,7 @@ def test_backend_that_stops_answering_gets_shim_timeout_before_deadline(tmp_path
         started = time.monotonic()
         reply = req(shim.endpoint, GEN, timeout=5.0)
         elapsed = time.monotonic() - started
+        print(f"\n[stall] SHIM_TIMEOUT after {elapsed * 1000:.0f} ms (deadline 800 ms)")
         assert reply["status"] == "error" and reply["error_code"] == "SHIM_TIMEOUT"
         assert 0.7 <= elapsed < 2.0
         cmd = req(shim.endpoint, {"command": "LOAD_MODEL", "model_name": "phi-2"}, timeout=6.0)

@@ -90,6 +90,10 @@ def test_weight_sweep_never_loads_a_model_twice(stack) -> None:
         stop.set()
         for t in threads:
             t.join(15)
+    handovers = sum(float(line.rsplit(" ", 1)[1]) for line in shim.metrics().splitlines()
+                    if line.startswith("shim_model_handovers_total{"))
+    print(f"\n[sweep] {dict(outcomes)}, {int(handovers)} hand-overs, "
+          f"{len(duplicates)} duplicates seen by the watcher")
     assert not duplicates, duplicates
     assert not failures, failures[:3]
     assert outcomes["ok"] > 100
