@@ -6,6 +6,11 @@ back untouched, so the reply finds its waiting Future by id. A reply that finds 
 Future (it came after its deadline, or from a confused backend) is dropped and counted.
 A socket monitor notices a backend that went away and fails its requests at once
 instead of letting them run into their deadline.
+
+Deadlines cost no timer per request: a request's id goes into the bucket of its deadline
+(to the millisecond, rounded up: the loop's timers are no finer), settling takes it out
+again (O(1)), and one timer is armed for the earliest bucket, which the sweep expires
+whole. Nothing lingers for settled requests, however long another one is stuck.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
+from heapq import heappop, heappush
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -25,6 +32,9 @@ from shim.metrics import Metrics
 from shim.sockets import BatchReader, Frames, send_frames
 
 log = logging.getLogger("mmshim.pool")
+
+#: Deadline buckets per second: the loop's timers have millisecond resolution.
+_TICKS = 1000
 
 
 class BackendError(Exception):
@@ -61,7 +71,7 @@ class BackendBadReply(BackendError):
 class Pending:
     future: asyncio.Future[bytes]
     endpoint: Endpoint
-    timer: asyncio.TimerHandle
+    tick: int  # its deadline bucket
 
 
 @dataclass(eq=False, slots=True)
@@ -129,6 +139,12 @@ class BackendPool:
         self._metrics = metrics
         self._ids = itertools.count(1)
         self._pending: dict[bytes, Pending] = {}
+        #: Deadline tick -> ids of the pending requests due then (a dict: ordered, O(1) del).
+        self._due: dict[int, dict[bytes, None]] = {}
+        #: Heap of ticks with a bucket (ticks of buckets emptied since are skipped).
+        self._ticks: list[int] = []
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_at: float = math.inf  # tick the sweeper fires at: never after a bucket's
         self.backends: dict[str, Backend] = {}
         for name, cfg in backends.items():
             backend = Backend(name, cfg, failure_limit=health.request_failures)
@@ -180,8 +196,15 @@ class BackendPool:
         assert endpoint.reader is not None
         endpoint.reader.kick()
         future: asyncio.Future[bytes] = self._loop.create_future()
-        timer = self._loop.call_later(timeout_s, self._expire, corr)
-        self._pending[corr] = Pending(future, endpoint, timer)
+        tick = math.ceil((self._loop.time() + timeout_s) * _TICKS)
+        bucket = self._due.get(tick)
+        if bucket is None:
+            bucket = self._due[tick] = {}
+            heappush(self._ticks, tick)
+            if tick < self._sweep_at:
+                self._arm(tick)
+        bucket[corr] = None
+        self._pending[corr] = Pending(future, endpoint, tick)
         endpoint.outstanding += 1
         return future
 
@@ -204,7 +227,7 @@ class BackendPool:
         if pending is None:
             self._metrics.late_replies.labels(endpoint.backend.name).inc()
             return
-        self._settle(pending)
+        self._settle(frames[0], pending)
         endpoint.backend.failures = 0
         if pending.future.done():  # its caller gave up (cancelled)
             return
@@ -214,11 +237,31 @@ class BackendPool:
         else:
             pending.future.set_result(frames[2])
 
+    # -- deadlines ------------------------------------------------------------------
+
+    def _arm(self, tick: int) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._sweep_at = tick
+        self._sweeper = self._loop.call_at(tick / _TICKS, self._sweep)
+
+    def _sweep(self) -> None:
+        """Expire the buckets whose time has come, earliest first; re-arm for the next."""
+        self._sweeper, self._sweep_at = None, math.inf
+        # A timer may fire up to a tick early (the loop rounds to milliseconds).
+        now = self._loop.time() * _TICKS + 1
+        ticks = self._ticks
+        while ticks and (ticks[0] <= now or ticks[0] not in self._due):
+            for corr in self._due.pop(heappop(ticks), ()):
+                self._expire(corr)
+        if ticks:
+            self._arm(ticks[0])
+
     def _expire(self, corr: bytes) -> None:
         pending = self._pending.pop(corr, None)
         if pending is None:
             return
-        self._settle(pending)
+        self._settle(corr, pending)
         backend = pending.endpoint.backend
         backend.record_failure()
         self._metrics.timeouts.labels(backend.name).inc()
@@ -226,9 +269,13 @@ class BackendPool:
             pending.future.set_exception(
                 BackendTimeout(f"backend {backend.name} did not answer in time"))
 
-    def _settle(self, pending: Pending) -> None:
-        pending.timer.cancel()
+    def _settle(self, corr: bytes, pending: Pending) -> None:
         pending.endpoint.outstanding -= 1
+        bucket = self._due.get(pending.tick)
+        if bucket is not None:  # (None: the sweep has taken the bucket)
+            del bucket[corr]
+            if not bucket:
+                del self._due[pending.tick]
 
     def _on_monitor(self, endpoint: Endpoint, frames: Frames) -> None:
         event = parse_monitor_message(frames)["event"]
@@ -253,7 +300,7 @@ class BackendPool:
             endpoint.backend.record_failure()
         for corr in lost:
             pending = self._pending.pop(corr)
-            self._settle(pending)
+            self._settle(corr, pending)
             if not pending.future.done():
                 pending.future.set_exception(BackendLost(
                     f"backend {endpoint.backend.name} went away with the request in flight"))
@@ -262,9 +309,13 @@ class BackendPool:
 
     def close(self) -> None:
         """Fail what is pending and close every socket."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper, self._sweep_at = None, math.inf
+        self._ticks.clear()
         for corr in list(self._pending):
             pending = self._pending.pop(corr)
-            self._settle(pending)
+            self._settle(corr, pending)
             if not pending.future.done():
                 pending.future.set_exception(BackendUnavailable("shim shutting down"))
         for backend in self.backends.values():

@@ -3,9 +3,14 @@
 zmq.asyncio wraps every recv in a Future; on the hot path that costs more than the
 proxying itself. Instead the socket's file descriptor is registered with the loop and
 each wake-up drains up to ``batch`` messages with NOBLOCK. The descriptor is
-edge-triggered (it signals "something changed", not "readable"), so after every send on
-the socket we re-check ZMQ_EVENTS, otherwise a message that arrived meanwhile could sit
-unread until the next edge.
+edge-triggered (it signals "something changed", not "readable"), so a send on the
+socket (which may consume the edge) schedules a drain pass, which re-checks ZMQ_EVENTS;
+otherwise a message that arrived meanwhile could sit unread until the next edge.
+
+Per frame, pyzmq's convenience layer costs more than libzmq: frames are sent with the
+compiled base class's ``send`` (the subclass's only adds DRAFT-socket arguments), and
+received as ``zmq.Frame`` whose ``more`` flag saves a ZMQ_RCVMORE lookup per frame
+(every ``getsockopt`` converts its option to an enum in Python).
 """
 
 from __future__ import annotations
@@ -14,24 +19,28 @@ import asyncio
 from collections.abc import Callable
 
 import zmq
+import zmq.backend
 
 Frames = list[bytes]
+
+_base_send = zmq.backend.Socket.send
 
 
 # pyzmq's flag constants are enums; combining them per frame costs more than the send.
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
 def recv_frames(sock: zmq.Socket[bytes]) -> Frames:
     """One whole multipart message from a socket known to be readable."""
-    recv, get = sock.recv, sock.get
-    frames = [recv(_NOBLOCK)]
-    while get(_RCVMORE):
-        frames.append(recv(_NOBLOCK))
+    recv = sock.recv
+    frame = recv(_NOBLOCK, copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = recv(_NOBLOCK, copy=False)
+        frames.append(frame.bytes)
     return frames
 
 
@@ -41,9 +50,9 @@ def send_frames(sock: zmq.Socket[bytes], frames: Frames | tuple[bytes, ...]) -> 
     libzmq accepts or refuses a multipart message as a whole at its first frame, so a
     refusal never leaves half a message behind.
     """
-    send, last = sock.send, len(frames) - 1
+    last = len(frames) - 1
     for i, frame in enumerate(frames):
-        send(frame, _SNDMORE_NOBLOCK if i < last else _NOBLOCK)
+        _base_send(sock, frame, _SNDMORE_NOBLOCK if i < last else _NOBLOCK)
 
 
 def readable(sock: zmq.Socket[bytes]) -> bool:
@@ -80,8 +89,9 @@ class BatchReader:
             self._armed = False
 
     def kick(self) -> None:
-        """Re-check the socket after a send (the edge may have been consumed)."""
-        if self._armed and not self._scheduled and readable(self.sock):
+        """Re-check the socket after a send (the edge may have been consumed): one drain
+        pass on the next loop iteration, however many sends there were."""
+        if self._armed:
             self._schedule()
 
     def _schedule(self) -> None:
