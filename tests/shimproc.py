@@ -157,11 +157,6 @@ def start_shim(cfg: dict[str, Any], tmp_path: Path, *, extra_args: tuple[str, ..
     raise AssertionError("unreachable")
 
 
-def request(endpoint: str, obj: Any, timeout: float = 6.0) -> dict[str, Any]:
-    """One request over a fresh REQ socket (what most legacy agents do)."""
-    return req(endpoint, obj, timeout=timeout)
-
-
 def dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
