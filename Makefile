@@ -39,7 +39,9 @@ run: venv models
 demo: venv
 	$(VENV)/bin/mmshim demo --config config/shim.toml
 
-bench: venv models
+# The benchmarks need no torch: on a fresh clone they install only the test extras.
+bench:
+	$(MAKE) venv models EXTRAS=test
 	$(PY) -m bench
 
 clean:
