@@ -20,6 +20,7 @@ from shim.health import HealthProber, HealthServer, vram_of
 from shim.metrics import Metrics
 from shim.ownership import Ownership
 from shim.proxy import Proxy
+from shim.record import Recorder
 from shim.shadow import Shadow
 from shim.sockets import EndpointInUse
 
@@ -46,6 +47,7 @@ class Shim:
         self.health: HealthServer | None = None
         self.ownership: Ownership | None = None
         self.shadow: Shadow | None = None
+        self.recorder: Recorder | None = None
         self.extras: list[Any] = []  # admin server, ownership, shadow: started and stopped with us
         #: Called on SIGHUP (set by shim.admin.add_control_plane: reload the config file).
         self.on_reload: Callable[[], None] | None = None
@@ -97,6 +99,10 @@ class Shim:
         self.shadow = Shadow(proxy, self.cfg, self._sync_ctx, self.ownership)
         proxy.addons.append(self.shadow)
         self.extras.append(self.shadow)
+        # Recording: only looks at finished exchanges too (off unless started).
+        self.recorder = Recorder(proxy, self.cfg.record)
+        proxy.addons.append(self.recorder)
+        self.extras.append(self.recorder)
 
     async def _start_extras(self) -> None:
         """Hook for addons and the admin socket (see shim.cli.build_shim)."""
