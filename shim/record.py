@@ -35,13 +35,14 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 from prometheus_client import Counter
 
 from shim.capture import exchange_record
 from shim.config import RecordSection
+from shim.control import CommandError
 from shim.dialects import Op
 from shim.difflog import dumps
 from shim.routing import bucket_of
@@ -247,20 +248,20 @@ class Recorder:
         if percent is not None and (isinstance(percent, bool) or
                                     not isinstance(percent, int | float) or
                                     not 0 < percent <= 100):
-            return _refused("percent must be a number in (0, 100]")
+            _refused("percent must be a number in (0, 100]")
         if max_bytes is not None and (isinstance(max_bytes, bool) or
                                       not isinstance(max_bytes, int) or
                                       not MAX_BYTES_RANGE[0] <= max_bytes <= MAX_BYTES_RANGE[1]):
-            return _refused(f"max_bytes must be an integer in {MAX_BYTES_RANGE[0]}.."
+            _refused(f"max_bytes must be an integer in {MAX_BYTES_RANGE[0]}.."
                             f"{MAX_BYTES_RANGE[1]}")
         unknown = sorted(set(args) - {"percent", "max_bytes"})
         if unknown:
-            return _refused(f"unknown field(s) {', '.join(unknown)} (the path and payloads "
+            _refused(f"unknown field(s) {', '.join(unknown)} (the path and payloads "
                             "come from the config file)")
         try:
             self.start_recording(None if percent is None else float(percent), max_bytes)
         except OSError as exc:
-            return _refused(f"cannot open {self.path}: {exc.strerror}")
+            _refused(f"cannot open {self.path}: {exc.strerror}")
         return self.describe()
 
     def _cmd_stop(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -279,9 +280,10 @@ class Recorder:
                 "started_at": self.started_at}
 
 
-def _refused(message: str) -> dict[str, Any]:
-    # An addon command's reply is merged into {"status": "ok", ...}; this overrides it.
-    return {"status": "error", "error": "invalid", "message": message}
+def _refused(message: str) -> NoReturn:
+    """Refuse an admin command: the admin socket answers ``{"status": "error", "error":
+    "invalid", "message"}`` and ``mmshim ctl`` exits 1."""
+    raise CommandError("invalid", message)
 
 
 __all__ = ["CaptureFileHandler", "Recorder", "in_record_sample"]
