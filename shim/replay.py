@@ -16,12 +16,14 @@ disagree are counted as noise, not as differences.
 
 Order. ``ordered``: one exchange at a time, in capture order (parity always). Otherwise
 exchanges start at their recorded times divided by ``speed`` (0: as fast as possible),
-at most ``max_inflight`` at once, and each waits for the previous exchange that shares a
-chain key with it: its conversation, its model, and, for every request that reads or
-changes what is loaded (load, unload, model access, status, loaded models, health,
-list models, clear conversation), the backend's state. So a load finishes before the
-generates that follow it start, an unload starts after the generates before it finished,
-and a status sees the loads recorded before it; unrelated conversations overlap.
+at most ``max_inflight`` at once, ordered like readers and writers per chain key
+(``chain_keys``): a conversation's turns one after another; per model, load / unload /
+model access are writers and generates readers; per backend state, load / unload /
+model access / clear are writers and status / loaded models / health / list models
+readers. A writer waits for everything before it on its keys, a reader for the last
+writer before it. So a load finishes before the generates that follow it start, an
+unload starts after the generates before it finished, a status sees the loads recorded
+before it, and generates of one model in different conversations overlap.
 
 Redacted captures (shim.capture) are replayed with synthetic payloads of the recorded
 length; the candidate's reply is redacted the same way before the comparison, so
@@ -67,10 +69,13 @@ PASS, FAIL, BAD_INPUT, UNREACHABLE = 0, 1, 2, 3
 #: Outcomes counted against the threshold.
 FAILED = ("mismatch", "shadow_error", "shadow_timeout", "primary_error")
 
-#: Requests that read or change what a backend has loaded: ordered among themselves.
+#: Requests that read or change what a backend has loaded.
 STATEFUL = frozenset({Kind.LOAD, Kind.UNLOAD, Kind.MODEL_ACCESS, Kind.STATUS,
                       Kind.LOADED_STATUS, Kind.HEALTH, Kind.LIST_MODELS,
                       Kind.CLEAR_CONVERSATION})
+
+#: Requests that change what is loaded or a conversation's state (writers of "state").
+CHANGING = frozenset({Kind.LOAD, Kind.UNLOAD, Kind.MODEL_ACCESS, Kind.CLEAR_CONVERSATION})
 
 SPEEDS = {"1x": 1.0, "10x": 10.0, "max": 0.0}
 
@@ -308,31 +313,43 @@ def _p50(values: list[float]) -> float | None:
 
 # -- scheduling ---------------------------------------------------------------------------
 
-def chain_keys(op: Op) -> list[str]:
-    """The orders an exchange belongs to: its conversation, its model, the state."""
+def chain_keys(op: Op) -> list[tuple[str, bool]]:
+    """The orders an exchange belongs to, each as (key, writes): its conversation (every
+    turn writes: strictly in order), its model (load, unload and model access write;
+    generates read) and the backend's state (load, unload, model access and clears
+    write; status, loaded models, health and list models read)."""
     keys = []
     if op.conversation_id is not None:
-        keys.append(f"conversation:{op.conversation_id}")
+        keys.append((f"conversation:{op.conversation_id}", True))
     if op.model_id:
-        keys.append(f"model:{op.model_id}")
-    if op.kind in STATEFUL:
-        keys.append("state")
+        keys.append((f"model:{op.model_id}", op.kind in CHANGING))
+    if op.kind in CHANGING or op.kind in STATEFUL:
+        keys.append(("state", op.kind in CHANGING))
     return keys
+
+
+@dataclass
+class _Chain:
+    """One order: the last writer, and the readers started since it."""
+
+    writer: asyncio.Future[None] | None = None
+    readers: list[asyncio.Future[None]] = field(default_factory=list)
 
 
 async def schedule(items: Sequence[tuple[Exchange, Op | None]],
                    run_one: Callable[[Exchange, Op | None], Awaitable[None]], *,
                    ordered: bool, speed: float, max_inflight: int = 64) -> None:
     """Run ``run_one`` for every item: one at a time when ``ordered``; else paced by the
-    recorded times over ``speed`` (0: unpaced), at most ``max_inflight`` at once, each
-    after its chain predecessors (``chain_keys``) finished."""
+    recorded times over ``speed`` (0: unpaced), at most ``max_inflight`` at once. Per
+    chain key (``chain_keys``) a writer starts after everything before it on that key
+    finished; a reader after the last writer before it (readers overlap)."""
     if ordered:
         for exchange, op in items:
             await run_one(exchange, op)
         return
     loop = asyncio.get_running_loop()
     slots = asyncio.Semaphore(max(1, max_inflight))
-    last: dict[str, asyncio.Future[None]] = {}
+    chains: dict[str, _Chain] = defaultdict(_Chain)
     tasks: set[asyncio.Task[None]] = set()
     start = loop.time()
     first_ts = next((e.ts for e, _ in items if e.ts is not None), None)
@@ -353,11 +370,18 @@ async def schedule(items: Sequence[tuple[Exchange, Op | None]],
             if delay > 0:
                 await asyncio.sleep(delay)
         await slots.acquire()
-        keys = chain_keys(op) if op is not None else []
-        after = [last[k] for k in keys if k in last and not last[k].done()]
         done: asyncio.Future[None] = loop.create_future()
-        for k in keys:
-            last[k] = done
+        after: list[asyncio.Future[None]] = []
+        for key, writes in chain_keys(op) if op is not None else []:
+            chain = chains[key]
+            if chain.writer is not None and not chain.writer.done():
+                after.append(chain.writer)
+            if writes:
+                after += [r for r in chain.readers if not r.done()]
+                chain.writer, chain.readers = done, []
+            else:
+                chain.readers = [r for r in chain.readers if not r.done()]
+                chain.readers.append(done)
         task = loop.create_task(one(exchange, op, after, done))
         tasks.add(task)
         task.add_done_callback(tasks.discard)

@@ -121,11 +121,11 @@ def test_speeds() -> None:
 
 def test_chain_keys_order_state_changes_and_their_model() -> None:
     assert chain_keys(op({"command": "LOAD_MODEL", "model_name": "phi-2"})) == \
-        ["model:phi-2", "state"]
+        [("model:phi-2", True), ("state", True)]
     gen = op({"action": "generate", "model_pref": "fast", "prompt": "x",
               "conversation_id": "c"})
-    assert chain_keys(gen) == ["conversation:c", "model:phi-2"]
-    assert chain_keys(op({"action": "status"})) == ["state"]
+    assert chain_keys(gen) == [("conversation:c", True), ("model:phi-2", False)]
+    assert chain_keys(op({"action": "status"})) == [("state", False)]
 
 
 def test_unordered_replay_keeps_each_chain_in_order_and_overlaps_the_rest() -> None:
@@ -134,11 +134,12 @@ def test_unordered_replay_keeps_each_chain_in_order_and_overlaps_the_rest() -> N
     items = [
         {"command": "LOAD_MODEL", "model_name": "phi-2"},                              # 0
         {"action": "generate", "model_pref": "fast", "prompt": "a", "conversation_id": "c1"},
+        {"action": "generate", "model_pref": "fast", "prompt": "d", "conversation_id": "c3"},
         {"action": "generate", "model_pref": "quality", "prompt": "b",
-         "conversation_id": "c2"},                                                     # 2
+         "conversation_id": "c2"},                                                     # 3
         {"action": "generate", "model_pref": "fast", "prompt": "c", "conversation_id": "c1"},
-        {"command": "GET_LOADED_MODELS_STATUS"},                                       # 4
-        {"command": "UNLOAD_MODEL", "model_name": "phi-2"},                            # 5
+        {"command": "GET_LOADED_MODELS_STATUS"},                                       # 5
+        {"command": "UNLOAD_MODEL", "model_name": "phi-2"},                            # 6
     ]
     events: list[tuple[str, int]] = []
 
@@ -152,9 +153,10 @@ def test_unordered_replay_keeps_each_chain_in_order_and_overlaps_the_rest() -> N
 
     def at(kind: str, n: int) -> int:
         return events.index((kind, n))
-    for before, after in ((0, 1), (1, 3), (0, 4), (3, 5), (4, 5), (0, 3)):
+    for before, after in ((0, 1), (0, 2), (1, 4), (0, 5), (1, 6), (2, 6), (4, 6), (5, 6)):
         assert at("end", before) < at("start", after), (before, after, events)
-    assert at("start", 2) < at("end", 0)  # another model, another conversation: overlaps
+    assert at("start", 3) < at("end", 0)  # another model, another conversation: overlaps
+    assert at("start", 2) < at("end", 1)  # one model, two conversations: generates overlap
 
 
 def test_ordered_replay_is_one_at_a_time() -> None:
