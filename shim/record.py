@@ -27,6 +27,7 @@ prompts, or write anywhere else.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.handlers
 import os
@@ -163,7 +164,8 @@ class Recorder:
                         max_bytes: int | None = None) -> None:
         """Open the capture file and start the writer (a running recording is restarted
         with the new settings). Raises OSError when the file cannot be opened."""
-        self.stop_recording()
+        if self.active:
+            self.stop_recording()
         if percent is not None:
             self.percent = percent
         if max_bytes is not None:
@@ -184,21 +186,29 @@ class Recorder:
                     self.path, "kept" if self.payloads else "redacted")
 
     def stop_recording(self) -> None:
-        """Stop taking exchanges, write what is queued, close the file."""
-        if not self.active:
-            return
-        self.active = False
+        """Stop taking exchanges, write what is queued, close the file (blocks until the
+        writer is done: at shutdown; the admin command does this part in a thread)."""
+        self._close(*self._detach())
+
+    def _detach(self) -> tuple[_Listener | None, CaptureFileHandler | None]:
+        """Stop taking exchanges (on the event loop); the writer and file to close."""
         listener, handler = self._listener, self._handler
+        self.active = False
         self._queue = self._listener = self._handler = None
+        self._sent.clear()
+        return listener, handler
+
+    def _close(self, listener: _Listener | None, handler: CaptureFileHandler | None) -> None:
         if listener is not None:
             try:
                 listener.stop()
             except queue.Full:
                 log.error("record: the writer did not drain its queue in time")
-            self.written_before += listener.written
+            with self._lock:
+                self.written_before += listener.written
         if handler is not None:
             handler.close()
-        log.warning("recording stopped (%s)", self.path)
+            log.warning("recording stopped (%s)", self.path)
 
     # -- the hooks (event loop) --------------------------------------------------------
 
@@ -212,7 +222,8 @@ class Recorder:
             self._sent[id(op)] = time.perf_counter()
 
     def after_send(self, op: Op, backend: str, reply: bytes | None) -> None:
-        return None
+        if reply is None:  # this attempt failed: no exchange to record (yet)
+            self._sent.pop(id(op), None)
 
     def after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
                     rt: Runtime) -> None:
@@ -264,8 +275,9 @@ class Recorder:
             _refused(f"cannot open {self.path}: {exc.strerror}")
         return self.describe()
 
-    def _cmd_stop(self, args: dict[str, Any]) -> dict[str, Any]:
-        self.stop_recording()
+    async def _cmd_stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        detached = self._detach()  # no exchange is taken after this reply
+        await asyncio.to_thread(self._close, *detached)  # draining the queue: off the loop
         return self.describe()
 
     def describe(self) -> dict[str, Any]:

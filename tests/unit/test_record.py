@@ -6,6 +6,7 @@ Recorder's hooks are called the way shim.proxy calls them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 import time
@@ -147,7 +148,8 @@ def test_admin_commands_validate_their_arguments(tmp_path: Path) -> None:
     assert not rec.active
     started = commands["record_start"]({"percent": 50, "max_bytes": 8192})
     assert started["active"] and started["percent"] == 50 and started["max_bytes"] == 8192
-    assert not commands["record_stop"]({})["active"]
+    stopped = asyncio.run(commands["record_stop"]({}))  # drains in a thread, off the loop
+    assert not stopped["active"]
 
 
 def test_sample_is_sticky_per_conversation() -> None:
