@@ -161,6 +161,25 @@ def test_a_seeded_mms_difference_is_found_and_named(recorded: dict[str, Any],
     assert "access_info.vram_allocated_mb" in again.stdout
 
 
+def test_calibration_turns_what_the_reference_twin_also_differs_in_into_noise(
+        recorded: dict[str, Any], tmp_path: Path) -> None:
+    # The twin of the reference (an MMA) has the same seeded config as the candidate, so
+    # the candidate's difference from the recording is one the reference side has too.
+    seeded = seeded_models(tmp_path)
+    mms, twin = start_backend("mms", seeded), start_backend("mma", seeded)
+    try:
+        run = mmshim("replay", str(recorded["capture"]), "--to", mms.endpoint,
+                     "--calibrate", twin.endpoint, "--calibrate-dialect", "mma",
+                     "--threshold", "0", "--json")
+    finally:
+        mms.stop()
+        twin.stop()
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads(run.stdout)
+    assert report["verdict"]["mismatch_rate_percent"] == 0.0
+    assert report["actions"]["model_access"]["noise"] == {"access_info.vram_allocated_mb": 1}
+
+
 def test_unreadable_capture_and_unreachable_candidate_exit_clearly(tmp_path: Path) -> None:
     missing = mmshim("replay", str(tmp_path / "nope.jsonl"), "--to", "tcp://127.0.0.1:9")
     assert missing.returncode == 2 and "no such capture" in missing.stderr
