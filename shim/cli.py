@@ -11,12 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 from shim.config import ConfigError, ShimConfig, load_config
 from shim.ctl import add_ctl_parser

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -342,7 +343,7 @@ class StatusBoard:
         rps: dict[str, list[float]] = {}
         errors: dict[str, list[float]] = {}
         weights: dict[str, list[float]] = {}
-        for prev, cur in zip(samples, samples[1:], strict=False):
+        for prev, cur in itertools.pairwise(samples):
             dt = cur.t - prev.t
             if dt <= 0:
                 continue

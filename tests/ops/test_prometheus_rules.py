@@ -9,6 +9,7 @@ Skipped only outside CI when the binaries are missing; with CI=true they must be
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -110,14 +111,12 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         started.append(shim)
 
         def traffic() -> None:  # at most 600 requests, 60 s; mirrored in shadow mode
-            for i in range(600):
+            for _i in range(600):
                 if stop.wait(0.1):
                     return
-                try:
+                with contextlib.suppress(TimeoutError):
                     req(shim.endpoint, {"command": "GET_LOADED_MODELS_STATUS"},
                         timeout=5)
-                except TimeoutError:
-                    pass
 
         thread = threading.Thread(target=traffic, daemon=True)
         thread.start()
