@@ -316,7 +316,8 @@ _STATUS_SHOWN = frozenset({"status", "command", "id", "mode", "safe_backend", "u
 def _plain(value: Any) -> str:
     """A nested JSON value as ``key value, key value`` text (no braces or quotes)."""
     if isinstance(value, dict):
-        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items()) or "none"
+        return ", ".join(f"{str(k).replace('_', ' ')} {_plain(v)}"
+                         for k, v in value.items()) or "none"
     if isinstance(value, list):
         return ", ".join(_plain(v) for v in value) or "none"
     return _num(value)
@@ -330,7 +331,7 @@ def _show_ownership(own: dict[str, Any]) -> str:
         lines.append("hand-overs: " + ", ".join(f"{m} {how}" for m, how in moving.items()))
     rest = {k: v for k, v in own.items() if k not in ("owners", "moving")}
     if rest:
-        lines.append("ownership: " + _plain(rest).replace("_", " "))
+        lines.append("ownership: " + _plain(rest))
     return "\n".join(lines)
 
 
