@@ -131,3 +131,39 @@ def test_percentiles_interpolate_like_histogram_quantile() -> None:
     assert percentile(buckets, 0.99) == pytest.approx(0.0982)
     assert percentile({0.1: 0.0, float("inf"): 0.0}, 0.5) is None
     assert percentile({0.1: 0.0, float("inf"): 4.0}, 0.5) == 0.1  # beyond the last bound
+
+
+def test_a_taken_metrics_port_stops_the_shim_with_one_line(
+        fakes: dict[str, Fake], tmp_path: Path) -> None:
+    import socket
+
+    cfg = shim_config(fakes, tmp_path)
+    port = int(cfg["shim"]["metrics"].rsplit(":", 1)[1])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        shim = start_shim(cfg, tmp_path, wait=False)
+        wait_until(lambda: shim.proc.poll() is not None, 30, "the shim to give up")
+    assert shim.proc.poll() == 3
+    assert f"metrics address 127.0.0.1:{port} is already in use" in shim.proc.log()
+
+
+async def test_requests_beyond_the_bound_get_503_at_once() -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from shim.web import MAX_CONCURRENT, WebServer
+
+    server = WebServer.__new__(WebServer)  # the middleware alone: no shim needed
+    server._busy = MAX_CONCURRENT
+    called: list[bool] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        called.append(True)
+        return web.Response(text="ok")
+
+    resp = await server._bounded(make_mocked_request("GET", "/api/status"), handler)
+    assert resp.status == 503 and not called
+    server._busy = MAX_CONCURRENT - 1
+    resp = await server._bounded(make_mocked_request("GET", "/api/status"), handler)
+    assert resp.status == 200 and called and server._busy == MAX_CONCURRENT - 1
