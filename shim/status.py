@@ -224,7 +224,10 @@ class StatusBoard:
         if shim.ownership is not None:
             doc["ownership"] = shim.ownership.describe()
         doc["shadow"] = self._shadow()
-        for extra in shim.extras:
+        # Components in the shim's extras, or hung on it by name (another addon's engine).
+        named = [getattr(shim, attr) for attr in ("rollout", "ejection", "recorder")
+                 if getattr(shim, attr, None) is not None]
+        for extra in [*shim.extras, *named]:
             describe = getattr(extra, "describe", None)
             key = section_key(extra)
             if callable(describe) and key not in doc:

@@ -167,3 +167,57 @@ async def test_requests_beyond_the_bound_get_503_at_once() -> None:
     server._busy = MAX_CONCURRENT - 1
     resp = await server._bounded(make_mocked_request("GET", "/api/status"), handler)
     assert resp.status == 200 and called and server._busy == MAX_CONCURRENT - 1
+
+
+async def test_components_of_any_kind_appear_under_their_key(
+        fakes: dict[str, Fake], tmp_path: Path) -> None:
+    """A shim in this process with two components the page has no view for: one in its
+    extras, one hung on it as ``shim.rollout`` (how another addon may plug in)."""
+    import asyncio
+
+    import aiohttp
+
+    from shim.app import build_shim
+    from shim.config import decode_config
+
+    class Widget:
+        status_key = "widget"
+
+        def describe(self) -> dict[str, Any]:
+            return {"spins": 3}
+
+    class RolloutEngine:
+        def describe(self) -> dict[str, Any]:
+            return {"plan": "canary", "stage": 1}
+
+    class Broken:
+        status_key = "broken"
+
+        def describe(self) -> dict[str, Any]:
+            raise RuntimeError("boom")
+
+    raw = shim_config(fakes, tmp_path)
+    shim = build_shim(decode_config(raw, base_dir=tmp_path))
+    shim.extras += [Widget(), Broken()]
+    shim.rollout = RolloutEngine()  # type: ignore[attr-defined]
+    serving = asyncio.create_task(shim.serve())
+    url = f"http://{raw['shim']['metrics']}/api/status"
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = asyncio.get_running_loop().time() + 20
+            while True:
+                try:
+                    async with session.get(url) as resp:
+                        doc = await resp.json()
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert asyncio.get_running_loop().time() < deadline, "no HTTP listener"
+                    assert not serving.done(), serving
+                    await asyncio.sleep(0.05)
+        assert doc["widget"] == {"spins": 3}
+        assert doc["rollout"] == {"plan": "canary", "stage": 1}
+        assert doc["broken"] == {"error": "describe() failed: boom"}
+        assert set(doc["backends"]) == {"mma", "mms"}
+    finally:
+        shim.stop()
+        assert await asyncio.wait_for(serving, 30) == 0
