@@ -4,7 +4,10 @@ back within the bake time; a restart resumes the bake without re-applying the st
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -25,6 +28,7 @@ LLMS = ALL[:4]
 #: want of VRAM (a real MMS behaviour, which the gates would rightly catch) is not what
 #: these tests measure.
 VRAM = ["--vram-mb", "24000"]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def admin(shim: ShimProc, command: str, **args: Any) -> dict[str, Any]:
@@ -135,7 +139,7 @@ def make_stack(tmp_path: Path, mms_args: list[str]) -> tuple[Backend, Backend, S
                       routing={"weights": {"mma": 100, "mms": 0}},
                       ownership={"enabled": True, "poll_interval_ms": 300,
                                  "handover_timeout_ms": 3000})
-    cfg["models_file"] = str(Path(__file__).resolve().parents[2] / "config" / "models.toml")
+    cfg["models_file"] = str(ROOT / "config" / "models.toml")
     shim = start_shim(cfg, tmp_path, env={"MMSHIM_TOKEN": TOKEN})
     return mma, mms, shim
 
@@ -222,9 +226,13 @@ def test_failing_model_rolls_back_its_stage_within_the_bake(broken_phi) -> None:
 
 @pytest.mark.slow
 def test_restart_resumes_the_bake_and_never_reapplies_a_stage(healthy, tmp_path) -> None:
-    mma, mms, shim = healthy
-    stages = [{"name": "tts", "models": ["piper-tts"], "min_bake_s": 600, "max_bake_s": 900}]
-    assert admin(shim, "rollout_start", plan=plan("slow", stages))["status"] == "ok"
+    _, _, shim = healthy
+    plan_file = tmp_path / "slow.toml"
+    plan_file.write_text('name = "slow"\ntick_s = 0.2\nmin_bake_s = 600\nmax_bake_s = 900\n'
+                         '[[stages]]\nname = "tts"\nmodels = ["piper-tts"]\n')
+    started = ctl(shim, "rollout", "start", str(plan_file))
+    assert started.returncode == 0, started.stderr
+    assert "stage 1/1 tts: weights mma=85.41 mms=14.59" in started.stdout, started.stdout
     baked = wait_for("some bake", lambda: (b := rollout(shim)["stage"]["baked_s"]) > 2 and b,
                      30)
     code = shim.stop()
@@ -245,10 +253,34 @@ def test_restart_resumes_the_bake_and_never_reapplies_a_stage(healthy, tmp_path)
         aborted = admin(again, "rollout_abort")
         assert aborted["rollout"]["status"] == "aborted"
         assert admin(again, "status")["weights"] == {"mma": 100.0, "mms": 0.0}
+        shown = ctl(again, "rollout", "status")
+        assert shown.returncode == 0 and "ABORTED" in shown.stdout, shown
         refused = admin(again, "rollout_resume")
         assert refused["status"] == "error" and refused["error"] == "refused"
     finally:
         again.stop()
+
+
+def ctl(shim: ShimProc, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "shim.cli", "ctl", *argv, "--admin",
+                           shim.admin_endpoint], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "MMSHIM_TOKEN": TOKEN}, cwd=ROOT)
+
+
+def test_rollout_check_prints_the_moves_and_refuses_a_bad_plan(tmp_path: Path) -> None:
+    good = subprocess.run([sys.executable, "-m", "shim.cli", "rollout", "check",
+                           "config/rollouts/default.toml", "--config", "config/shim.toml"],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert good.returncode == 0, good.stderr
+    assert "moves to mms: piper-tts" in good.stdout
+    assert "weights mma=0 mms=100" in good.stdout
+    bad_plan = tmp_path / "bad.toml"
+    bad_plan.write_text('[[stages]]\nmodels = ["whisper-small"]\n')
+    bad = subprocess.run([sys.executable, "-m", "shim.cli", "rollout", "check", str(bad_plan),
+                          "--config", "config/shim.toml"], capture_output=True, text=True,
+                         timeout=30, cwd=ROOT)
+    assert bad.returncode == 2
+    assert "no weight gives mms exactly ['whisper-small']" in bad.stderr
 
 
 def _config_of(shim: ShimProc) -> dict[str, Any]:
