@@ -278,27 +278,36 @@ def latency_gate(evidence: Evidence, *, target: str, source: str, since: float,
                  moved: Sequence[str], max_p50_ratio: float, max_p99_ratio: float,
                  alpha: float, min_sample: int) -> GateResult:
     """Each moved model's successful answers on the target against the same model's on the
-    source before ``since`` (falling back to all the source's answers when the model had
-    too few there)."""
+    source before ``since``. A model the source answered fewer than ``min_sample`` times
+    has nothing to be compared with (another model's latency is no yardstick): it is
+    listed under ``no_baseline`` and not judged; the gate is n/a when no moved model has
+    a baseline."""
     if not moved:
         return GateResult("latency", "n/a", "no model moves at this stage")
-    all_base = [a.latency_s for a in evidence.since(source, -math.inf) if a.outcome == "ok"]
     results: dict[str, LatencyResult] = {}
+    no_baseline = []
     for model in moved:
-        target_lat = [a.latency_s for a in evidence.since(target, since, model)
-                      if a.outcome == "ok"]
         base = [a.latency_s for a in evidence.before(source, since, model) if a.outcome == "ok"]
         if len(base) < min_sample:
-            base = all_base
+            no_baseline.append(model)
+            continue
+        target_lat = [a.latency_s for a in evidence.since(target, since, model)
+                      if a.outcome == "ok"]
         results[model] = latency_test(target_lat, base, max_p50_ratio, max_p99_ratio,
                                       alpha / len(moved), min_sample)
+    if not results:
+        return GateResult("latency", "n/a", f"no {source} latency of "
+                          f"{', '.join(no_baseline)} to compare with",
+                          {"no_baseline": no_baseline})
     verdicts = {m: r.verdict for m, r in results.items()}
-    verdict = combine(verdicts, moved)
-    figures = {m: {"n": r.n, "n_source": r.n_base, "p50_ratio": r.p50_ratio,
+    verdict = combine(verdicts, list(results))
+    figures: dict[str, Any] = {m: {"n": r.n, "n_source": r.n_base, "p50_ratio": r.p50_ratio,
                    "p99_ratio": r.p99_ratio,
                    "p_value": None if r.p_value is None else round(r.p_value, 5),
                    "alpha": round(r.alpha_now, 5), "verdict": r.verdict}
                for m, r in results.items()}
+    if no_baseline:
+        figures["no_baseline"] = no_baseline
     failed = [m for m, v in verdicts.items() if v == "fail"]
     if failed:
         r = results[failed[0]]

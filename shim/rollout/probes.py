@@ -20,16 +20,9 @@ from collections.abc import Callable, Sequence
 import msgspec
 import zmq
 
+from shim.ctl import connectable
+
 log = logging.getLogger("mmshim.rollout")
-
-
-def connectable(endpoint: str) -> str:
-    """A bind endpoint (``tcp://*:5570``) as one to connect to on loopback."""
-    if endpoint.startswith("tcp://"):
-        host, _, port = endpoint[6:].rpartition(":")
-        if host in ("*", "0.0.0.0", "", "[::]"):
-            return f"tcp://127.0.0.1:{port}"
-    return endpoint
 
 
 class Prober:

@@ -287,3 +287,41 @@ def _config_of(shim: ShimProc) -> dict[str, Any]:
     import json
 
     return dict(json.loads(shim.config_path.read_text()))
+
+
+def test_bad_rollout_commands_get_clear_refusals_and_a_manual_change_pauses(
+        fakes, tmp_path: Path) -> None:
+    cfg = shim_config(fakes, tmp_path)  # ownership off: only 0/100 stages are possible
+    shim = start_shim(cfg, tmp_path, env={"MMSHIM_TOKEN": TOKEN})
+    try:
+        assert rollout(shim) == {"status": "none"}
+        no_plan = admin(shim, "rollout_start")
+        assert no_plan["status"] == "error" and no_plan["error"] == "bad_request"
+        splits = admin(shim, "rollout_start", plan={"name": "x", "stages": [
+            {"models": [], "model_free_percent": 10}]})
+        assert splits["error"] == "invalid" and "loads it on both" in splits["message"]
+        typo = admin(shim, "rollout_start", plan={"name": "x", "stagez": []})
+        assert typo["error"] == "invalid" and "stagez" in typo["message"]
+        for verb in ("pause", "resume", "abort", "promote"):
+            refused = admin(shim, f"rollout_{verb}")
+            assert refused["error"] == "refused" and "no rollout" in refused["message"]
+        ok = admin(shim, "rollout_start", plan={"name": "shadow-only", "tick_s": 0.2,
+                                                "min_bake_s": 600, "max_bake_s": 900,
+                                                "stages": [{"models": [], "shadow": True}]})
+        assert ok["status"] == "ok", ok
+        again = admin(shim, "rollout_start", plan={"name": "y", "stages": [{"models": []}]})
+        assert again["error"] == "refused" and "abort it first" in again["message"]
+        assert admin(shim, "status")["mode"] == "shadow"
+        # An operator's change wins: the rollout pauses instead of fighting it.
+        assert admin(shim, "set_weights", weights={"mma": 50, "mms": 50})["status"] == "ok"
+        paused = wait_for("the pause", lambda: (r := rollout(shim))["status"] == "paused"
+                          and r, 20)
+        assert "changed outside the rollout" in paused["paused_reason"]
+        resumed = admin(shim, "rollout_resume")["rollout"]
+        assert resumed["status"] == "running"
+        assert admin(shim, "status")["weights"] == {"mma": 100.0, "mms": 0.0}
+        promoted = admin(shim, "rollout_promote")["rollout"]
+        assert promoted["status"] == "completed"
+        assert [h["event"] for h in promoted["history"]][-2:] == ["skipped", "completed"]
+    finally:
+        shim.stop()

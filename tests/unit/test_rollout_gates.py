@@ -107,7 +107,12 @@ def test_no_data_never_passes() -> None:
     assert r.verdict == "wait" and r.needs == [MODEL]
     lat = latency_gate(ev, target="mms", source="mma", since=0.0, moved=[MODEL],
                        max_p50_ratio=1.5, max_p99_ratio=3.0, alpha=0.05, min_sample=20)
-    assert lat.verdict == "wait"
+    assert lat.verdict == "n/a" and lat.figures["no_baseline"] == [MODEL]  # no yardstick
+    for i in range(30):
+        ev.add("mma", MODEL, "generate", "ok", 0.05, -100.0 + i)
+    lat = latency_gate(ev, target="mms", source="mma", since=0.0, moved=[MODEL],
+                       max_p50_ratio=1.5, max_p99_ratio=3.0, alpha=0.05, min_sample=20)
+    assert lat.verdict == "wait" and lat.needs == [MODEL]
     assert shadow_gate({}, shadow_on=True, rate=0.02, delta=0.1, alpha=0.05, beta=0.05,
                        min_sample=20).verdict == "wait"
     assert vram_gate([], target="mms", since=0.0, min_headroom_percent=10).verdict == "wait"
