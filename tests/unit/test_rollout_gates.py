@@ -171,3 +171,37 @@ def test_vram_fails_on_two_low_polls_in_a_row() -> None:
                         min_headroom_percent=10)
     assert two_low.verdict == "fail"
     assert vram_gate([low], target="mms", since=5.0, min_headroom_percent=10).verdict == "wait"
+
+
+@pytest.mark.parametrize("reply,outcome", [
+    (b'{"status": "ok", "response_text": "x"}', "ok"),
+    (b'{"status": "SUCCESS"}', "ok"),
+    (b'{"status": "MODEL_READY"}', "ok"),
+    (b'{"loaded_models": {}}', "ok"),
+    (b"[1, 2]", "ok"),
+    (b'{"status": "error", "message": "x"}', "error"),
+    (b'{"status": "ERROR_LOADING_MODEL"}', "error"),
+    (b'{"error": "no status at all"}', "error"),
+    (b"not json", "error"),
+])
+def test_outcome_of_a_reply(reply: bytes, outcome: str) -> None:
+    from shim.rollout.engine import outcome_of
+
+    assert outcome_of(reply, 0.01, 4.5) == outcome
+
+
+def test_a_failed_attempt_is_a_timeout_only_near_its_deadline() -> None:
+    from shim.rollout.engine import outcome_of
+
+    assert outcome_of(None, 4.4, 4.5) == "timeout"
+    assert outcome_of(None, 0.1, 4.5) == "error"  # lost connection, refused, ...
+
+
+def test_evidence_is_bounded_whatever_the_model_names() -> None:
+    from shim.rollout.gates import MAX_SAMPLES_PER_CELL, OTHER_MODEL
+
+    ev = Evidence(frozenset({MODEL}))
+    for i in range(3 * MAX_SAMPLES_PER_CELL):
+        ev.add("mms", f"typo-{i}", "generate", "ok", 0.01, float(i))
+    assert list(ev.cells) == [("mms", OTHER_MODEL)]
+    assert len(ev.cells[("mms", OTHER_MODEL)]) == MAX_SAMPLES_PER_CELL
