@@ -13,7 +13,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 MODELS := models/tiny.ngram models/base.ngram
 
-.PHONY: venv models test test-fast lint run demo bench clean
+.PHONY: venv models test test-fast lint run demo rollout-demo bench clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ run: venv models
 
 demo: venv
 	$(VENV)/bin/mmshim demo --config $(CONFIG)
+
+# A whole rollout plan, MMA -> MMS, on `make run`'s stack with demo traffic (a few
+# minutes; stop `make run` first: it uses the same ports).
+rollout-demo: venv models
+	$(PY) -m shim.rollout.demo --config config/shim.toml --plan config/rollouts/demo.toml
 
 # The benchmarks need no torch: on a fresh clone they install only the test extras.
 bench:

@@ -49,6 +49,8 @@ class Shim:
         self.ownership: Ownership | None = None
         self.shadow: Shadow | None = None
         self.web: WebServer | None = None
+        #: The rollout engine (shim.rollout), added by build_shim.
+        self.rollout: Any = None
         self.extras: list[Any] = []  # admin server, ownership, shadow: started and stopped with us
         #: Called on SIGHUP (set by shim.admin.add_control_plane: reload the config file).
         self.on_reload: Callable[[], None] | None = None
@@ -184,7 +186,10 @@ def build_shim(cfg: ShimConfig, config_path: Path | None = None, *,
     from shim.admin import add_control_plane
 
     shim = Shim(cfg, config_path, reset_state=reset_state, serve_metrics=serve_metrics)
-    add_control_plane(shim, reset_state=reset_state)
+    from shim.rollout import add_rollout
+
+    controller = add_control_plane(shim, reset_state=reset_state)
+    add_rollout(shim, controller)
     return shim
 
 

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="one line per request")
     p.set_defaults(func=cmd_parity)
 
+    from shim.rollout.cli import add_parser as add_rollout_parser
+
+    add_rollout_parser(sub, os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))  # shim.rollout
     add_ctl_parser(sub)  # `mmshim ctl ...`: shim.ctl
     return parser
 

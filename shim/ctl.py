@@ -449,6 +449,9 @@ def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
     p = command("diffs", "shadow comparisons so far: mismatch rate and paths per action",
                 lambda a: ("diffs", {"top": a.top}), show_diffs)
     p.add_argument("--top", type=int, default=5, help="differing paths shown per action")
+    from shim.rollout.cli import add_ctl_command
+
+    add_ctl_command(command)  # `ctl rollout ...`: shim.rollout.cli
     p = command("call", "send any admin command (e.g. one an addon registered)", req_call,
                 show_json)
     p.add_argument("name", metavar="COMMAND")
