@@ -186,10 +186,6 @@ async def test_components_of_any_kind_appear_under_their_key(
         def describe(self) -> dict[str, Any]:
             return {"spins": 3}
 
-    class RolloutEngine:
-        def describe(self) -> dict[str, Any]:
-            return {"plan": "canary", "stage": 1}
-
     class Broken:
         status_key = "broken"
 
@@ -199,7 +195,6 @@ async def test_components_of_any_kind_appear_under_their_key(
     raw = shim_config(fakes, tmp_path)
     shim = build_shim(decode_config(raw, base_dir=tmp_path))
     shim.extras += [Widget(), Broken()]
-    shim.rollout = RolloutEngine()  # type: ignore[attr-defined]
     serving = asyncio.create_task(shim.serve())
     url = f"http://{raw['shim']['metrics']}/api/status"
     try:
@@ -215,7 +210,8 @@ async def test_components_of_any_kind_appear_under_their_key(
                     assert not serving.done(), serving
                     await asyncio.sleep(0.05)
         assert doc["widget"] == {"spins": 3}
-        assert doc["rollout"] == {"plan": "canary", "stage": 1}
+        # The real rollout engine (build_shim hangs it on the shim), idle.
+        assert doc["rollout"]["status"] == "none"
         assert doc["broken"] == {"error": "describe() failed: boom"}
         assert set(doc["backends"]) == {"mma", "mms"}
     finally:
