@@ -20,6 +20,7 @@ from shim.health import HealthProber, HealthServer, vram_of
 from shim.metrics import Metrics
 from shim.ownership import Ownership
 from shim.proxy import Proxy
+from shim.record import Recorder
 from shim.shadow import Shadow
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Shim:
         self.health: HealthServer | None = None
         self.ownership: Ownership | None = None
         self.shadow: Shadow | None = None
+        self.recorder: Recorder | None = None
         self.web: WebServer | None = None
         #: The rollout engine (shim.rollout), added by build_shim.
         self.rollout: Any = None
@@ -102,6 +104,10 @@ class Shim:
         self.shadow = Shadow(proxy, self.cfg, self._sync_ctx, self.ownership)
         proxy.addons.append(self.shadow)
         self.extras.append(self.shadow)
+        # Recording: only looks at finished exchanges too (off unless started).
+        self.recorder = Recorder(proxy, self.cfg.record)
+        proxy.addons.append(self.recorder)
+        self.extras.append(self.recorder)
 
     async def _start_extras(self) -> None:
         """Hook for addons and the admin socket (see shim.cli.build_shim)."""

@@ -119,6 +119,43 @@ def cmd_parity(args: argparse.Namespace) -> int:
                        verbose=args.verbose)
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay a capture to a candidate; exit 1 above the mismatch threshold."""
+    from shim.replay import ReplayOptions
+    from shim.replay import main as replay_main
+
+    opts = ReplayOptions(capture=args.capture, to=args.to, dialect=args.dialect,
+                         reference=args.reference, reference_dialect=args.reference_dialect,
+                         calibrate=args.calibrate, calibrate_dialect=args.calibrate_dialect,
+                         speed=args.speed, ordered=args.ordered, threshold=args.threshold,
+                         timeout_ms=args.timeout_ms, max_inflight=args.max_inflight,
+                         as_json=args.json, log_path=args.log, top=args.top,
+                         verbose=args.verbose)
+    return replay_main(_load(args.config), opts)
+
+
+def cmd_capture_convert(args: argparse.Namespace) -> int:
+    """A parity corpus as a capture file (JSON lines, version 1)."""
+    import json
+
+    from shim.capture import CaptureError, corpus_to_capture
+
+    cfg = _load(args.config)
+    try:
+        lines = [json.dumps(r, separators=(",", ":")) for r in
+                 corpus_to_capture(args.corpus, cfg.policy)]
+    except (OSError, CaptureError) as exc:
+        print(f"mmshim capture convert: {exc}", file=sys.stderr)
+        return 2
+    text = "".join(line + "\n" for line in lines)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"{args.output}: {len(lines)} exchanges", file=sys.stderr)
+    return 0
+
+
 # -- dispatch --------------------------------------------------------------------------
 
 def plain_text(doc: str) -> str:
@@ -179,6 +216,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per request")
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("replay", help="replay a capture to a candidate and compare",
+                       description="Replay a capture (mmshim ctl record) to a candidate "
+                       "backend, compare each reply with the recorded one; exit 1 above "
+                       "the threshold, 2 unusable capture, 3 unreachable.")
+    p.add_argument("capture", nargs="+", help="capture file(s); rotated .1 .2 ... are read "
+                   "too, oldest first")
+    p.add_argument("--to", required=True, metavar="ENDPOINT",
+                   help="the candidate, e.g. tcp://127.0.0.1:7721")
+    p.add_argument("--dialect", choices=["mms", "mma"], default="mms",
+                   help="the candidate's dialect (default mms)")
+    p.add_argument("--speed", default="max", metavar="1x|10x|max",
+                   help="pace by the recorded times, faster by this factor (default max)")
+    p.add_argument("--ordered", action="store_true",
+                   help="one request at a time, in capture order")
+    p.add_argument("--threshold", type=float, default=0.0, metavar="PCT",
+                   help="fail when more than PCT %% of compared requests differ (default 0)")
+    p.add_argument("--reference", default="", metavar="ENDPOINT",
+                   help="compare with this live backend instead of the recorded replies")
+    p.add_argument("--reference-dialect", choices=["mms", "mma"], default="mma")
+    p.add_argument("--calibrate", default="", metavar="ENDPOINT",
+                   help="a twin of the reference: where it differs from the reference is "
+                   "noise")
+    p.add_argument("--calibrate-dialect", choices=["mms", "mma"], default="mma")
+    p.add_argument("--timeout-ms", type=int, default=4500)
+    p.add_argument("--max-inflight", type=int, default=64)
+    p.add_argument("--config", default=os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG),
+                   help="for the load policy and the compare rules")
+    p.add_argument("--log", default="", help="also write the diff records here (JSON lines)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", action="store_true",
+                   help="the report as JSON; verdict.mismatch_rate_percent is the gate figure")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per request")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("capture", help="capture files: convert a parity corpus")
+    capture = p.add_subparsers(dest="capture_command", required=True)
+    c = capture.add_parser("convert", help="a parity corpus (JSON lines of requests) as a "
+                           "capture file")
+    c.add_argument("corpus", nargs="?", default=DEFAULT_PARITY_REQUESTS)
+    c.add_argument("-o", "--output", default="-", help="default: stdout")
+    c.add_argument("--config", default=os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))
+    c.set_defaults(func=cmd_capture_convert)
 
     from shim.rollout.cli import add_parser as add_rollout_parser
 

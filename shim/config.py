@@ -127,6 +127,23 @@ class ShadowSection(Base):
     compare: dict[str, dict[str, CompareRule]] = msgspec.field(default_factory=dict)
 
 
+class RecordSection(Base):
+    """Recording exchanges to a capture file (shim.record; ``mmshim ctl record``)."""
+
+    #: Record from start-up; else only after ``mmshim ctl record start``.
+    enabled: bool = False
+    path: str = "state/capture.jsonl"
+    #: Share of conversations (of requests without one) recorded, 0..100.
+    percent: float = 100.0
+    #: The capture file rotates at this size; ``backups`` older files are kept.
+    max_bytes: int = 64 << 20
+    backups: int = 3
+    #: Keep prompts, generated text and audio; else a hash and a length (shim.capture).
+    payloads: bool = False
+    #: Exchanges waiting for the writer thread at most; more are shed and counted.
+    queue_size: int = 10_000
+
+
 class ShimConfig(Base):
     """The whole file."""
 
@@ -137,6 +154,7 @@ class ShimConfig(Base):
     actions: dict[str, ActionRule] = msgspec.field(default_factory=dict)
     ownership: OwnershipSection = msgspec.field(default_factory=OwnershipSection)
     shadow: ShadowSection = msgspec.field(default_factory=ShadowSection)
+    record: RecordSection = msgspec.field(default_factory=RecordSection)
     #: model_pref -> model name; empty means "read it from models_file".
     policy: dict[str, str] = msgspec.field(default_factory=dict)
     #: The backends' model config, whose [policy] table the shim shares.
@@ -193,6 +211,7 @@ def _resolve_paths(cfg: ShimConfig, base_dir: Path) -> None:
     cfg.shim.state_file = resolve(cfg.shim.state_file)
     cfg.shim.admin_token_file = resolve(cfg.shim.admin_token_file)
     cfg.shadow.diff_log = resolve(cfg.shadow.diff_log)
+    cfg.record.path = resolve(cfg.record.path)
 
 
 def _policy_from_models(cfg: ShimConfig, source: str) -> dict[str, str]:
@@ -257,6 +276,18 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
     if cfg.shadow.max_inflight < 1:
         raise _fail(source, "shadow.max_inflight", "must be at least 1")
     _check_compare(cfg.shadow.compare, source)
+    _check_record(cfg.record, source)
+
+
+def _check_record(record: RecordSection, source: str) -> None:
+    if not 0 < record.percent <= 100:
+        raise _fail(source, "record.percent", "must be within (0, 100]")
+    if record.max_bytes < 4096:
+        raise _fail(source, "record.max_bytes", "must be at least 4096")
+    if record.backups < 0:
+        raise _fail(source, "record.backups", "must not be negative")
+    if record.queue_size < 1:
+        raise _fail(source, "record.queue_size", "must be at least 1")
 
 
 def _check_compare(compare: dict[str, dict[str, CompareRule]], source: str) -> None:

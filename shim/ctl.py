@@ -360,6 +360,22 @@ def show_diffs(reply: dict[str, Any]) -> str:
     return f"diff log: {reply.get('diff_log')}\n{reply.get('text', '')}"
 
 
+def req_record(args: argparse.Namespace) -> Request:
+    if args.record_action != "start" and (args.percent is not None or args.max_bytes is not None):
+        raise UsageError("ctl record: --percent and --max-bytes go with start")
+    body: dict[str, Any] = {k: v for k, v in (("percent", args.percent),
+                                               ("max_bytes", args.max_bytes)) if v is not None}
+    return f"record_{args.record_action}", body
+
+
+def show_record(reply: dict[str, Any]) -> str:
+    state = "recording" if reply.get("active") else "not recording"
+    return (f"{state}: {_num(reply.get('percent'))}% to {reply.get('path')} "
+            f"(rotates at {reply.get('max_bytes')} bytes, {reply.get('backups')} backups; "
+            f"payloads {'kept' if reply.get('payloads') else 'redacted'}); "
+            f"written {reply.get('written')}, shed {reply.get('shed')}")
+
+
 def show_json(reply: dict[str, Any]) -> str:
     return json.dumps(reply, indent=2, sort_keys=True)
 
@@ -449,6 +465,13 @@ def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
     p = command("diffs", "shadow comparisons so far: mismatch rate and paths per action",
                 lambda a: ("diffs", {"top": a.top}), show_diffs)
     p.add_argument("--top", type=int, default=5, help="differing paths shown per action")
+    p = command("record", "record exchanges to the capture file (mmshim replay reads it)",
+                req_record, show_record)
+    p.add_argument("record_action", choices=["start", "stop", "status"],
+                   metavar="start|stop|status")
+    p.add_argument("--percent", type=float, help="share of conversations recorded (0..100]")
+    p.add_argument("--max-bytes", type=int, metavar="N",
+                   help="rotate the capture file at N bytes")
     from shim.rollout.cli import add_ctl_command
 
     add_ctl_command(command)  # `ctl rollout ...`: shim.rollout.cli
