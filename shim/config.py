@@ -107,7 +107,8 @@ class OwnershipSection(Base):
     enabled: bool = True
     poll_interval_ms: int = 2000
     handover_timeout_ms: int = 3000
-    repair: bool = False
+    #: Unload a model seen on a backend that is not its owner (never from the owner).
+    repair: bool = True
     #: Models allowed on both backends at once (e.g. preloaded on MMS for shadow compares).
     shared_models: list[str] = msgspec.field(default_factory=list)
 
