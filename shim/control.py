@@ -477,7 +477,7 @@ class Controller:
             raise CommandError("refused", f"model {args.model!r} is "
                                + (f"owned by {current}, not {args.from_backend}" if current
                                   else "not owned by any backend") + "; nothing released")
-        changes = {f"ownership.owners.{args.model}": (owner, None)}
+        changes: dict[str, list[Any]] = {f"ownership.owners.{args.model}": [owner, None]}
         self.shim.metrics.admin_changes.labels("release").inc()
         self.audit.record(client, "release", changes, {"model": args.model, "owner": owner})
         return {"status": "ok", "model": args.model, "released_from": owner,

@@ -164,7 +164,7 @@ class Ownership:
                                       desired=lambda m: self.desired(m, rt),
                                       servable=servable, alive=self._alive, now=now)
 
-    def admit(self, op: Op) -> Awaitable[None] | None:
+    def admit(self, op: Op) -> Awaitable[Any] | None:
         """Something to wait for before the request may be routed: a hand-over of the
         model it names (started here when the weights want the model elsewhere)."""
         rt = self._proxy.runtime
@@ -383,7 +383,7 @@ class Ownership:
             metrics.duplicate_repairs.labels(other).inc()
             if self.audit is not None:
                 self.audit.record("shim:ownership", "duplicate_repair",
-                                  {f"loaded.{other}.{model}": (True, not result.ok)},
+                                  {f"loaded.{other}.{model}": [True, not result.ok]},
                                   {"model": model, "owner": owner, "unloaded_from": other,
                                    "ok": result.ok})
 
