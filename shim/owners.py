@@ -175,6 +175,9 @@ class OwnerTable:
         self.inflight[key] -= 1
         if self.inflight[key] <= 0:
             del self.inflight[key]
+        if unloaded or loaded:
+            # A fact newer than any poll under way: that poll must not undo it.
+            self.version[model] += 1
         if model in self.moves:
             return
         if unloaded and self.owners.get(model) == backend:
