@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from shim.config import ShimConfig
+from shim.ejection import Ejector
 from shim.health import HealthProber, HealthServer, vram_of
 from shim.metrics import Metrics
 from shim.ownership import Ownership
@@ -45,6 +46,7 @@ class Shim:
         self.prober: HealthProber | None = None
         self.health: HealthServer | None = None
         self.ownership: Ownership | None = None
+        self.ejector: Ejector | None = None
         self.shadow: Shadow | None = None
         self.extras: list[Any] = []  # admin server, ownership, shadow: started and stopped with us
         #: Called on SIGHUP (set by shim.admin.add_control_plane: reload the config file).
@@ -58,6 +60,9 @@ class Shim:
             self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics)
             self.health = HealthServer(self.ctx, self.cfg.shim.health, self.describe_health)
             self.prober = HealthProber(self.ctx, self.proxy.pool, self.cfg.health, self.metrics)
+            if self.cfg.ejection.enabled:
+                self.ejector = Ejector(self.proxy.pool.backends, self.cfg.ejection,
+                                       self.metrics)
             self._plug_addons(self.proxy)
             await self._start_extras()
             if self._serve_metrics and self.cfg.shim.metrics:

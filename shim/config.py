@@ -113,6 +113,20 @@ class OwnershipSection(Base):
     shared_models: list[str] = msgspec.field(default_factory=list)
 
 
+class EjectionSection(Base):
+    """Outlier ejection (Envoy's model): failing requests take a backend out of rotation."""
+
+    enabled: bool = True
+    #: Request failures (timeouts, lost connections) in a row that eject a backend.
+    consecutive_failures: int = 3
+    #: The first ejection lasts this long; the n-th in a row n times as long, up to the max.
+    base_ejection_ms: int = 5000
+    max_ejection_ms: int = 300_000
+    #: Back in rotation, requests in flight at once until ``readmit_successes`` succeed.
+    trial_inflight: int = 1
+    readmit_successes: int = 3
+
+
 class ShadowSection(Base):
     """Mirroring to the non-primary backend and comparing the replies."""
 
@@ -136,6 +150,7 @@ class ShimConfig(Base):
     health: HealthSection = msgspec.field(default_factory=HealthSection)
     actions: dict[str, ActionRule] = msgspec.field(default_factory=dict)
     ownership: OwnershipSection = msgspec.field(default_factory=OwnershipSection)
+    ejection: EjectionSection = msgspec.field(default_factory=EjectionSection)
     shadow: ShadowSection = msgspec.field(default_factory=ShadowSection)
     #: model_pref -> model name; empty means "read it from models_file".
     policy: dict[str, str] = msgspec.field(default_factory=dict)
@@ -256,6 +271,12 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
         raise _fail(source, "shadow.percent", "must be within 0..100")
     if cfg.shadow.max_inflight < 1:
         raise _fail(source, "shadow.max_inflight", "must be at least 1")
+    for key in ("consecutive_failures", "base_ejection_ms", "max_ejection_ms",
+                "readmit_successes"):
+        if getattr(cfg.ejection, key) < 1:
+            raise _fail(source, f"ejection.{key}", "must be at least 1")
+    if cfg.ejection.trial_inflight < 0:
+        raise _fail(source, "ejection.trial_inflight", "must be 0 (no limit) or more")
     _check_compare(cfg.shadow.compare, source)
 
 

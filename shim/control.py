@@ -315,7 +315,8 @@ class Controller:
             "uptime_s": round(time.time() - self.shim.started, 3),
             "config_path": str(self.shim.config_path or ""),
         }
-        for addon, key in (("ownership", "ownership"), ("shadow", "shadow_activity")):
+        for addon, key in (("ownership", "ownership"), ("shadow", "shadow_activity"),
+                           ("ejector", "ejection")):
             obj = getattr(self.shim, addon, None)
             if obj is not None and callable(getattr(obj, "describe", None)):
                 reply[key] = obj.describe()

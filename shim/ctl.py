@@ -296,7 +296,7 @@ def show_status(reply: dict[str, Any]) -> str:
     lines += ["", _table(rows), ""]
     counts = "   ".join(f"{k} {v}" for k, v in reply["counts"].items())
     lines.append(f"{counts}   in flight {reply['inflight']}")
-    for key in ("ownership", "shadow_activity"):
+    for key in ("ownership", "shadow_activity", "ejection"):
         if key in reply:
             lines.append(f"{key.replace('_', ' ')}: {json.dumps(reply[key], sort_keys=True)}")
     return "\n".join(lines)

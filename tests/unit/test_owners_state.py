@@ -260,4 +260,4 @@ class Ownership(RuleBasedStateMachine):
 
 
 TestOwnership = Ownership.TestCase
-TestOwnership.settings = settings(max_examples=400, stateful_step_count=100, deadline=None)
+TestOwnership.settings = settings(max_examples=200, stateful_step_count=80, deadline=None)
