@@ -28,6 +28,8 @@ ACTIONS = (
 )
 
 #: Actions that change a backend's state: never failed over, never mirrored.
+#: Actions routed by the model they name (shim.ownership): never pinned while it is on.
+MODEL_BOUND_ACTIONS = frozenset({"generate", "load", "unload", "model_access"})
 STATEFUL_ACTIONS = frozenset({"load", "unload", "model_access", "clear_conversation"})
 
 Mode = Literal["split", "shadow"]
@@ -265,6 +267,10 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
                         f"unknown action (expected one of {', '.join(ACTIONS)})")
         if rule.pin and rule.pin not in cfg.backends:
             raise _fail(source, f"actions.{action}.pin", f"unknown backend {rule.pin!r}")
+        if rule.pin and cfg.ownership.enabled and action in MODEL_BOUND_ACTIONS:
+            raise _fail(source, f"actions.{action}.pin", f"{action} requests go to the owner "
+                        "of their model (rule: one owner per model); remove the pin or "
+                        "set ownership.enabled = false")
         if rule.timeout_ms is not None and rule.timeout_ms <= 0:
             raise _fail(source, f"actions.{action}.timeout_ms", "must be positive")
     if not 0 <= cfg.shadow.percent <= 100:

@@ -23,6 +23,7 @@ from msgspec import UNSET, UnsetType
 
 from shim.audit import AuditLog, Changes, changes_between, format_changes
 from shim.config import (
+    MODEL_BOUND_ACTIONS,
     ActionRule,
     ConfigError,
     MirrorPolicy,
@@ -56,8 +57,6 @@ RUNTIME_PATHS = ("routing.mode", "routing.weights", "routing.safe_backend", "act
                  "shadow.timeout_ms", "policy", "models_file", "shim.default_timeout_ms")
 
 MAX_DRAIN_S = 600.0
-#: Actions routed by the model they name (shim.ownership): never pinned.
-MODEL_BOUND_ACTIONS = frozenset({"generate", "load", "unload", "model_access"})
 #: Actions that may load a model on the backend they reach: never mirrored "always".
 LOADING_ACTIONS = frozenset({"generate", "load", "model_access"})
 
