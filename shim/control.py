@@ -162,9 +162,6 @@ class Controller:
         self.register("rollback", Args, self.rollback)
         self.register("reload", Reload, self.reload_command)
         self.register("release", Release, self.release)
-        own = getattr(shim, "ownership", None)
-        if own is not None:
-            own.audit = audit  # duplicate repairs leave an audit line
         # Addons add theirs through admin_commands() (e.g. shadow's "diffs"): see start().
 
     def register(self, name: str, args: type[Args] | None, run: Handler) -> None:
@@ -217,6 +214,9 @@ class Controller:
     def start(self) -> None:
         """Restore the saved runtime state (unless --reset-state), before traffic starts;
         take the commands addons offer (an extra's ``admin_commands()``: name -> handler)."""
+        own = getattr(self.shim, "ownership", None)
+        if own is not None:
+            own.audit = self.audit  # duplicate repairs leave an audit line
         for extra in getattr(self.shim, "extras", []):
             offered = getattr(extra, "admin_commands", None)
             for name, handler in (offered() if callable(offered) else {}).items():

@@ -87,10 +87,33 @@ class Ownership:
         self.duplicates_repaired = 0
         self.refused = 0
         self.longest_handover_s = 0.0
-        self.audit: AuditLog | None = None  # set by the controller when there is one
+        self._audit: AuditLog | None = None
+        #: Audit entries from before the controller handed us its log (the first poll).
+        self._unaudited: list[tuple[str, str, dict[str, list[Any]], dict[str, Any]]] = []
         self._done: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def audit(self) -> AuditLog | None:
+        return self._audit
+
+    @audit.setter
+    def audit(self, log_: AuditLog | None) -> None:
+        """The controller's audit log (set when it starts); earlier entries go there now."""
+        self._audit = log_
+        if log_ is not None:
+            for entry in self._unaudited:
+                log_.record(*entry)
+            self._unaudited.clear()
+
+    def _record(self, command: str, changes: dict[str, list[Any]],
+                detail: dict[str, Any]) -> None:
+        entry = ("shim:ownership", command, changes, detail)
+        if self._audit is not None:
+            self._audit.record(*entry)
+        elif len(self._unaudited) < 1000:
+            self._unaudited.append(entry)
 
     # -- views kept for the other addons (shadow) and the status page -----------------
 
@@ -381,11 +404,10 @@ class Ownership:
                 continue
             self.duplicates_repaired += 1
             metrics.duplicate_repairs.labels(other).inc()
-            if self.audit is not None:
-                self.audit.record("shim:ownership", "duplicate_repair",
-                                  {f"loaded.{other}.{model}": [True, not result.ok]},
-                                  {"model": model, "owner": owner, "unloaded_from": other,
-                                   "ok": result.ok})
+            self._record("duplicate_repair",
+                         {f"loaded.{other}.{model}": [True, not result.ok]},
+                         {"model": model, "owner": owner, "unloaded_from": other,
+                          "ok": result.ok})
 
 
 def _succeeded(reply: bytes) -> bool:
