@@ -130,7 +130,7 @@ class Ownership:
     async def start(self) -> None:
         """Learn who holds what before the first request (bounded by one poll)."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.poll_once(), self._poll_timeout() + 1.0)
+            await asyncio.wait_for(self.poll_once(), min(2.0, self._poll_timeout() + 1.0))
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def stop(self) -> None:
