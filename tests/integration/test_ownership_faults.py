@@ -6,8 +6,11 @@ and a mirrored copy leaves no conversation and loads nothing on the shadow backe
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import pytest
 
 from tests.procs import Backend, req, start_backend
 from tests.reliability.helpers import wait_until
-from tests.shimproc import ShimProc, shim_config, start_shim
+from tests.shimproc import ROOT, ShimProc, shim_config, start_shim
 
 TOKEN = "test-token-ownership-faults"
 
@@ -128,12 +131,17 @@ def test_release_frees_a_model_and_is_audited(stack, tmp_path: Path) -> None:
                timeout=10.0)["status"] == "MODEL_READY"
     refused = admin(shim, "release", model="piper-tts", from_backend="mms")
     assert refused["status"] == "error" and "owned by mma" in refused["message"], refused
-    # The operator unloads it by hand, then releases it.
-    assert req(mma.endpoint, {"command": "UNLOAD_MODEL", "model_name": "piper-tts"},
-               timeout=5.0)["status"] == "SUCCESS"
-    reply = admin(shim, "release", model="piper-tts", from_backend="mma")
+    # Its owner stalls; the operator, who knows better, releases the model.
+    os.kill(mma.proc.pid, signal.SIGSTOP)
+    done = subprocess.run(  # as an operator runs it
+        [sys.executable, "-m", "shim.cli", "ctl", "--json", "--admin", shim.admin_endpoint,
+         "release", "piper-tts", "--from", "mma"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "MMSHIM_TOKEN": TOKEN}, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reply = json.loads(done.stdout)
     assert reply["status"] == "ok" and reply["released_from"] == "mma", reply
     assert "piper-tts" not in admin(shim, "status")["ownership"]["owners"]
+    os.kill(mma.proc.pid, signal.SIGCONT)
     audit = (tmp_path / "state.audit.jsonl").read_text()
     assert '"command":"release"' in audit
 
