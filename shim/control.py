@@ -546,6 +546,7 @@ class Controller:
 
         reply = await self._apply("reload", client, change, always_audit=True,
                                   extra=policy_changes)
+        await self._ownership_in_force(reply)
         reply.update(config_path=str(path),
                      restart_required=restart_required(self.shim.cfg, new_cfg),
                      kept_overrides=diff(self.base, self.proxy.runtime).summary())
