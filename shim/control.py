@@ -267,7 +267,8 @@ class Controller:
 
     async def _apply(self, command: str, client: str, change: Callable[[Runtime], Runtime],
                      *, always_audit: bool = False, extra: Changes | None = None) -> Reply:
-        """Swap in ``change(current)``, then audit and persist it.
+        """Swap in ``change(current)``, then audit and persist it; after a weight change,
+        return only once ownership has it in force (``_ownership_in_force``).
 
         Nothing here awaits before the swap, so the read-modify-write is atomic with
         respect to requests and to other commands.
@@ -287,6 +288,8 @@ class Controller:
         except OSError as exc:
             log.error("change applied but not saved to %s: %s", self.state.path, exc.strerror)
             reply["warning"] = f"applied, but not saved to {self.state.path}: {exc.strerror}"
+        if any(path.startswith("weights.") for path in changes):
+            await self._ownership_in_force(reply)
         return reply
 
     # -- read-only commands ------------------------------------------------------------
@@ -341,7 +344,6 @@ class Controller:
             return _with_weights(rt, weights, self.backends)
 
         reply = await self._apply("set_weights", client, change)
-        await self._ownership_in_force(reply)
         return {**reply, "weights": self.proxy.runtime.weights}
 
     async def set_mode(self, args: SetMode, client: str) -> Reply:
@@ -414,7 +416,6 @@ class Controller:
         inflight_at_start = backend.inflight
         started = time.monotonic()
         reply = await self._apply("drain", client, change)
-        await self._ownership_in_force(reply)
         while backend.inflight and time.monotonic() - started < args.timeout_s:
             await asyncio.sleep(0.02)
         remaining = backend.inflight
@@ -450,7 +451,6 @@ class Controller:
             return rt
 
         reply = await self._apply("rollback", client, change)
-        await self._ownership_in_force(reply)
         rt = self.proxy.runtime
         reply.update(safe_backend=safe, weights=rt.weights, mode=rt.mode)
         pinned = sorted(a for a, r in rt.rules.items() if r.pin and r.pin != safe)
@@ -546,7 +546,6 @@ class Controller:
 
         reply = await self._apply("reload", client, change, always_audit=True,
                                   extra=policy_changes)
-        await self._ownership_in_force(reply)
         reply.update(config_path=str(path),
                      restart_required=restart_required(self.shim.cfg, new_cfg),
                      kept_overrides=diff(self.base, self.proxy.runtime).summary())

@@ -204,6 +204,7 @@ def stack(tmp_path: Path):
         backend.stop()
 
 
+@pytest.mark.timeout(SOAK_S + 150)  # the suite's 120 s default is for ordinary tests
 def test_ownership_soak_never_two_owners(stack, tmp_path: Path) -> None:
     backends, shim = stack
     seed = int(os.environ.get("MMSHIM_SOAK_SEED", str(random.randrange(1 << 30))))
