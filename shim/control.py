@@ -30,6 +30,7 @@ from shim.config import (
     Mode,
     ShimConfig,
     check_weights,
+    complete_weights,
     load_config,
 )
 from shim.routing import RoutingTable
@@ -318,7 +319,7 @@ class Controller:
             "config_path": str(self.shim.config_path or ""),
         }
         for addon, key in (("ownership", "ownership"), ("shadow", "shadow_activity"),
-                           ("ejector", "ejection")):
+                           ("rollout", "rollout"), ("ejector", "ejection")):
             obj = getattr(self.shim, addon, None)
             if obj is not None and callable(getattr(obj, "describe", None)):
                 reply[key] = obj.describe()
@@ -339,7 +340,8 @@ class Controller:
 
     async def set_weights(self, args: SetWeights, client: str) -> Reply:
         def change(rt: Runtime) -> Runtime:
-            weights = {**rt.weights, **args.weights}
+            # Percentages: the backends not named share what is left of 100 %.
+            weights = _complete(args.weights, rt.weights, self.backends)
             _check(check_weights, weights, set(self.backends))
             return _with_weights(rt, weights, self.backends)
 
@@ -581,6 +583,14 @@ class Controller:
 def _with_weights(rt: Runtime, weights: dict[str, float], order: Collection[str]) -> Runtime:
     """New weights, keyed in the running backends' order (which fixes the buckets)."""
     return replace(rt, table=RoutingTable({n: float(weights.get(n, 0.0)) for n in order}))
+
+
+def _complete(given: dict[str, float], current: dict[str, float],
+              order: list[str]) -> dict[str, float]:
+    try:
+        return complete_weights(given, current, order)
+    except ValueError as exc:
+        raise CommandError("invalid", str(exc)) from None
 
 
 def _check(check: Callable[..., None], *args: Any) -> None:
