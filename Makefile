@@ -13,7 +13,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 MODELS := models/tiny.ngram models/base.ngram
 
-.PHONY: venv models test test-fast lint run demo rollout-demo bench clean
+.PHONY: venv models test test-fast lint run demo rollout-demo bench clean soak
 
 venv: $(STAMP)
 
@@ -34,6 +34,12 @@ test: venv models
 
 test-fast: venv models
 	$(PY) -m pytest -q -x -m "not slow"
+
+# Ownership soak: randomized faults (sweeps, SIGSTOP, SIGKILL, rollbacks) against the
+# reference backends for SOAK_S seconds (default 5 minutes); `make test` runs it for 25 s.
+SOAK_S ?= 300
+soak: venv models
+	MMSHIM_SOAK_S=$(SOAK_S) $(PY) -m pytest -q -s tests/reliability/test_ownership_soak.py
 
 lint: venv
 	$(PY) -m ruff check shim backends tests bench

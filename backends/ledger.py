@@ -91,6 +91,10 @@ class ModelLoadFailed(LedgerError):
         self.reason = reason
 
 
+class NotLoaded(LedgerError):
+    """A no-load request (the shim's shadow copy) named a model that is not online."""
+
+
 class ModelBusy(LedgerError):
     """An unload was asked for while the model is serving requests."""
 

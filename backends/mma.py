@@ -27,7 +27,7 @@ from backends.ledger import (
     UnknownModel,
     UnknownVram,
 )
-from backends.server import BadRequest, ServiceCore, decode_request, parse_params
+from backends.server import BadRequest, ServiceCore, decode_request, no_load, parse_params
 
 #: Conversations kept (least recently used dropped first) and turns kept per conversation.
 MAX_CONVERSATIONS = 1024
@@ -106,10 +106,12 @@ class MMADialect:
             return {"status": "error", "message": str(exc)}
         conv = request.get("conversation_id")
         conv_id = conv if isinstance(conv, str) and conv else None
+        shadow = no_load(request)
         history = self._conversations.get(conv_id, []) if conv_id else []
         full_prompt = "\n".join([*(f"{q}\n{a}" for q, a in history), prompt])
         try:
-            text, _tokens = await self.core.generate(model, full_prompt, params)
+            text, _tokens = await self.core.generate(model, full_prompt, params,
+                                                     no_load=shadow)
         except LedgerError as exc:
             return {"status": "error", "message": str(exc)}
         reply: dict[str, Any] = {
@@ -119,7 +121,8 @@ class MMADialect:
             "timestamp": time.time(),
         }
         if conv_id:
-            self._remember(conv_id, prompt, text)
+            if not shadow:  # a no-load copy reads a conversation, never writes one
+                self._remember(conv_id, prompt, text)
             reply["conversation_id"] = conv_id
             reply["using_kv_cache"] = True
         return reply

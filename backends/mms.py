@@ -31,7 +31,14 @@ import msgspec
 
 from backends import server
 from backends.ledger import LedgerError, ModelState
-from backends.server import BadRequest, NotAnObject, ServiceCore, decode_request, parse_params
+from backends.server import (
+    BadRequest,
+    NotAnObject,
+    ServiceCore,
+    decode_request,
+    no_load,
+    parse_params,
+)
 
 #: ``max_tokens`` when a generate_text request does not say.
 DEFAULT_MAX_TOKENS = 1024
@@ -255,13 +262,15 @@ class MMSDialect:
             prompt = f"{system}\n{prompt}"
         try:
             gen = parse_params(params, max_tokens=DEFAULT_MAX_TOKENS)
-            text, tokens = await self.core.generate(name, prompt, gen)
+            text, tokens = await self.core.generate(name, prompt, gen,
+                                                    no_load=no_load(request))
         except (BadRequest, LedgerError) as exc:
             return self._generation_error(str(exc))
         except Exception as exc:
             self.core.counters.errors_total += 1
             return self._generation_error(f"Generation failed: {exc}")
-        self._usage[name] += 1
+        if not no_load(request):
+            self._usage[name] += 1
         reply: dict[str, Any] = {
             "status": "success",
             "text": text,
@@ -367,7 +376,8 @@ class MMSDialect:
             return self.error_reply("Missing 'model_id' field")
         if name not in self.core.registry.models:
             return self.error_reply(f"Unknown model: {name}")
-        self._usage[name] += 1
+        if not no_load(request):
+            self._usage[name] += 1
         return {"status": "success", "message": f"Usage recorded for {name}"}
 
     # -- performance bookkeeping ---------------------------------------------------------

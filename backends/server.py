@@ -28,7 +28,14 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from backends.ledger import LEDGER_THREAD_PREFIX, OnFull, VramLedger, detect_budget
+from backends.ledger import (
+    LEDGER_THREAD_PREFIX,
+    ModelState,
+    NotLoaded,
+    OnFull,
+    VramLedger,
+    detect_budget,
+)
 from backends.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,14 @@ DRAIN_S = 0.3
 THREAD_EXIT_S = 0.5
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = Path("config/models.toml")
+#: A request field that forbids loading: set by the shim on mirrored (shadow) copies, so
+#: that a copy never loads a model, keeps a conversation or counts as usage.
+NO_LOAD_FIELD = "shim_no_load"
+
+
+def no_load(request: dict[str, Any]) -> bool:
+    """Does the request carry ``NO_LOAD_FIELD`` = true?"""
+    return request.get(NO_LOAD_FIELD) is True
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -151,8 +166,16 @@ class ServiceCore:
         """Seconds since start."""
         return round(time.monotonic() - self._started, 3)
 
-    async def generate(self, model: str, prompt: str, params: GenParams) -> tuple[str, int]:
-        """Load ``model`` if needed (per the ledger's policy) and generate in the executor."""
+    async def generate(self, model: str, prompt: str, params: GenParams,
+                       *, no_load: bool = False) -> tuple[str, int]:
+        """Load ``model`` if needed (per the ledger's policy) and generate in the executor.
+
+        ``no_load`` (a request carrying ``NO_LOAD_FIELD``, as the shim's shadow copies do):
+        never load, and leave no usage record; raises ``LedgerError`` when the model is not
+        online already.
+        """
+        if no_load and self.ledger.entry(model).state is not ModelState.ONLINE:
+            raise NotLoaded(f"Model {model} is not loaded and this request may not load it")
         async with self.ledger.use(model) as handle:
             text, tokens = await self.ledger.run_in_executor(
                 handle.generate,
@@ -163,8 +186,9 @@ class ServiceCore:
                 params.stops(),
                 params.seed,
             )
-        self.counters.generations += 1
-        self.counters.tokens_generated += tokens
+        if not no_load:
+            self.counters.generations += 1
+            self.counters.tokens_generated += tokens
         return str(text), int(tokens)
 
 

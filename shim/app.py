@@ -16,6 +16,7 @@ import zmq
 import zmq.asyncio
 
 from shim.config import ShimConfig
+from shim.ejection import Ejector
 from shim.health import HealthProber, HealthServer, vram_of
 from shim.metrics import Metrics
 from shim.ownership import Ownership
@@ -48,6 +49,7 @@ class Shim:
         self.prober: HealthProber | None = None
         self.health: HealthServer | None = None
         self.ownership: Ownership | None = None
+        self.ejector: Ejector | None = None
         self.shadow: Shadow | None = None
         self.recorder: Recorder | None = None
         self.web: WebServer | None = None
@@ -65,6 +67,9 @@ class Shim:
             self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics)
             self.health = HealthServer(self.ctx, self.cfg.shim.health, self.describe_health)
             self.prober = HealthProber(self.ctx, self.proxy.pool, self.cfg.health, self.metrics)
+            if self.cfg.ejection.enabled:
+                self.ejector = Ejector(self.proxy.pool.backends, self.cfg.ejection,
+                                       self.metrics)
             self._plug_addons(self.proxy)
             await self._start_extras()
             if self._serve_metrics and self.cfg.shim.metrics:

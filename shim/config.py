@@ -29,6 +29,8 @@ ACTIONS = (
 )
 
 #: Actions that change a backend's state: never failed over, never mirrored.
+#: Actions routed by the model they name (shim.ownership): never pinned while it is on.
+MODEL_BOUND_ACTIONS = frozenset({"generate", "load", "unload", "model_access"})
 STATEFUL_ACTIONS = frozenset({"load", "unload", "model_access", "clear_conversation"})
 
 Mode = Literal["split", "shadow"]
@@ -108,9 +110,24 @@ class OwnershipSection(Base):
     enabled: bool = True
     poll_interval_ms: int = 2000
     handover_timeout_ms: int = 3000
-    repair: bool = False
+    #: Unload a model seen on a backend that is not its owner (never from the owner).
+    repair: bool = True
     #: Models allowed on both backends at once (e.g. preloaded on MMS for shadow compares).
     shared_models: list[str] = msgspec.field(default_factory=list)
+
+
+class EjectionSection(Base):
+    """Outlier ejection (Envoy's model): failing requests take a backend out of rotation."""
+
+    enabled: bool = True
+    #: Request failures (timeouts, lost connections) in a row that eject a backend.
+    consecutive_failures: int = 3
+    #: The first ejection lasts this long; the n-th in a row n times as long, up to the max.
+    base_ejection_ms: int = 5000
+    max_ejection_ms: int = 300_000
+    #: Back in rotation, requests in flight at once until ``readmit_successes`` succeed.
+    trial_inflight: int = 1
+    readmit_successes: int = 3
 
 
 class ShadowSection(Base):
@@ -153,6 +170,7 @@ class ShimConfig(Base):
     health: HealthSection = msgspec.field(default_factory=HealthSection)
     actions: dict[str, ActionRule] = msgspec.field(default_factory=dict)
     ownership: OwnershipSection = msgspec.field(default_factory=OwnershipSection)
+    ejection: EjectionSection = msgspec.field(default_factory=EjectionSection)
     shadow: ShadowSection = msgspec.field(default_factory=ShadowSection)
     record: RecordSection = msgspec.field(default_factory=RecordSection)
     #: model_pref -> model name; empty means "read it from models_file".
@@ -269,12 +287,22 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
                         f"unknown action (expected one of {', '.join(ACTIONS)})")
         if rule.pin and rule.pin not in cfg.backends:
             raise _fail(source, f"actions.{action}.pin", f"unknown backend {rule.pin!r}")
+        if rule.pin and cfg.ownership.enabled and action in MODEL_BOUND_ACTIONS:
+            raise _fail(source, f"actions.{action}.pin", f"{action} requests go to the owner "
+                        "of their model (rule: one owner per model); remove the pin or "
+                        "set ownership.enabled = false")
         if rule.timeout_ms is not None and rule.timeout_ms <= 0:
             raise _fail(source, f"actions.{action}.timeout_ms", "must be positive")
     if not 0 <= cfg.shadow.percent <= 100:
         raise _fail(source, "shadow.percent", "must be within 0..100")
     if cfg.shadow.max_inflight < 1:
         raise _fail(source, "shadow.max_inflight", "must be at least 1")
+    for key in ("consecutive_failures", "base_ejection_ms", "max_ejection_ms",
+                "readmit_successes"):
+        if getattr(cfg.ejection, key) < 1:
+            raise _fail(source, f"ejection.{key}", "must be at least 1")
+    if cfg.ejection.trial_inflight < 0:
+        raise _fail(source, "ejection.trial_inflight", "must be 0 (no limit) or more")
     _check_compare(cfg.shadow.compare, source)
     _check_record(cfg.record, source)
 

@@ -23,6 +23,7 @@ from msgspec import UNSET, UnsetType
 
 from shim.audit import AuditLog, Changes, changes_between, format_changes
 from shim.config import (
+    MODEL_BOUND_ACTIONS,
     ActionRule,
     ConfigError,
     MirrorPolicy,
@@ -57,6 +58,8 @@ RUNTIME_PATHS = ("routing.mode", "routing.weights", "routing.safe_backend", "act
                  "shadow.timeout_ms", "policy", "models_file", "shim.default_timeout_ms")
 
 MAX_DRAIN_S = 600.0
+#: Actions that may load a model on the backend they reach: never mirrored "always".
+LOADING_ACTIONS = frozenset({"generate", "load", "model_access"})
 
 
 class CommandError(Exception):
@@ -111,6 +114,12 @@ class Drain(Args):
     timeout_s: float = 30.0
 
 
+class Release(Args):
+    model: str
+    #: Release only if this backend owns it (``ctl release MODEL --from B``).
+    from_backend: str | None = None
+
+
 class Reload(Args):
     #: Also drop every run-time change and make the file the whole truth.
     reset: bool = False
@@ -153,6 +162,7 @@ class Controller:
         self.register("drain", Drain, self.drain)
         self.register("rollback", Args, self.rollback)
         self.register("reload", Reload, self.reload_command)
+        self.register("release", Release, self.release)
         # Addons add theirs through admin_commands() (e.g. shadow's "diffs"): see start().
 
     def register(self, name: str, args: type[Args] | None, run: Handler) -> None:
@@ -205,6 +215,9 @@ class Controller:
     def start(self) -> None:
         """Restore the saved runtime state (unless --reset-state), before traffic starts;
         take the commands addons offer (an extra's ``admin_commands()``: name -> handler)."""
+        own = getattr(self.shim, "ownership", None)
+        if own is not None:
+            own.audit = self.audit  # duplicate repairs leave an audit line
         for extra in getattr(self.shim, "extras", []):
             offered = getattr(extra, "admin_commands", None)
             for name, handler in (offered() if callable(offered) else {}).items():
@@ -255,7 +268,8 @@ class Controller:
 
     async def _apply(self, command: str, client: str, change: Callable[[Runtime], Runtime],
                      *, always_audit: bool = False, extra: Changes | None = None) -> Reply:
-        """Swap in ``change(current)``, then audit and persist it.
+        """Swap in ``change(current)``, then audit and persist it; after a weight change,
+        return only once ownership has it in force (``_ownership_in_force``).
 
         Nothing here awaits before the swap, so the read-modify-write is atomic with
         respect to requests and to other commands.
@@ -275,6 +289,8 @@ class Controller:
         except OSError as exc:
             log.error("change applied but not saved to %s: %s", self.state.path, exc.strerror)
             reply["warning"] = f"applied, but not saved to {self.state.path}: {exc.strerror}"
+        if any(path.startswith("weights.") for path in changes):
+            await self._ownership_in_force(reply)
         return reply
 
     # -- read-only commands ------------------------------------------------------------
@@ -303,7 +319,7 @@ class Controller:
             "config_path": str(self.shim.config_path or ""),
         }
         for addon, key in (("ownership", "ownership"), ("shadow", "shadow_activity"),
-                           ("rollout", "rollout")):
+                           ("rollout", "rollout"), ("ejector", "ejection")):
             obj = getattr(self.shim, addon, None)
             if obj is not None and callable(getattr(obj, "describe", None)):
                 reply[key] = obj.describe()
@@ -351,6 +367,7 @@ class Controller:
                 rule = msgspec.structs.replace(rt.overrides.get(action, ActionRule()),
                                                mirror=policy)
                 _check(check_rule, action, rule, self.backends)
+                self._check_ownership(action, rule)
                 rt = rt.with_action(action, rule, self._default_timeout)
             return rt
 
@@ -372,6 +389,8 @@ class Controller:
                                        "timeout_ms, failover, pin, translate, mirror or reset)")
                 rule = msgspec.structs.replace(rt.overrides.get(action, ActionRule()), **fields)
             _check(check_rule, action, rule, self.backends)
+            if not args.reset:
+                self._check_ownership(action, rule)
             return rt.with_action(action, rule, self._default_timeout)
 
         reply = await self._apply("set_action", client, change)
@@ -441,6 +460,51 @@ class Controller:
             reply["warning"] = ("the config file pins these actions to another backend: "
                                 + ", ".join(pinned))
         return reply
+
+    async def release(self, args: Release, client: str) -> Reply:
+        """``ctl release MODEL [--from B]``: forget a model's owner (audited).
+
+        For an owner the operator knows is gone (or has unloaded the model by hand)
+        while it does not answer: until then the shim keeps the model with it.
+        """
+        own = getattr(self.shim, "ownership", None)
+        if own is None:
+            raise CommandError("refused", "ownership is disabled: there is nothing to release")
+        if args.from_backend is not None and args.from_backend not in self.backends:
+            raise CommandError("invalid", f"unknown backend {args.from_backend!r} "
+                               f"(expected one of {', '.join(self.backends)})")
+        owner = own.release(args.model, args.from_backend)
+        if owner is None:
+            current = own.owner.get(args.model)
+            raise CommandError("refused", f"model {args.model!r} is "
+                               + (f"owned by {current}, not {args.from_backend}" if current
+                                  else "not owned by any backend") + "; nothing released")
+        changes: dict[str, list[Any]] = {f"ownership.owners.{args.model}": [owner, None]}
+        self.shim.metrics.admin_changes.labels("release").inc()
+        self.audit.record(client, "release", changes, {"model": args.model, "owner": owner})
+        return {"status": "ok", "model": args.model, "released_from": owner,
+                "changes": changes}
+
+    def _check_ownership(self, action: str, rule: ActionRule) -> None:
+        """With ownership on, refuse rules that would break "one owner per model": a pin
+        of an action bound to a model, and ``mirror=always`` for an action that may load."""
+        if getattr(self.shim, "ownership", None) is None:
+            return
+        if rule.pin and action in MODEL_BOUND_ACTIONS:
+            raise CommandError("refused", f"actions.{action}.pin: {action} requests go to "
+                               "the owner of their model (rule: one owner per model); a pin "
+                               "would load models on " + rule.pin)
+        if rule.mirror == "always" and action in LOADING_ACTIONS:
+            raise CommandError("refused", f"actions.{action}.mirror=always: a mirrored "
+                               f"{action} could load a model on the shadow backend (rule: "
+                               "one owner per model); use if_loaded")
+
+    async def _ownership_in_force(self, reply: Reply) -> None:
+        """After a weight change: moves the new weights undo are cancelled and the ones
+        past their unload are finished (bounded), so the change is in force on return."""
+        own = getattr(self.shim, "ownership", None)
+        if own is not None:
+            reply["ownership"] = await own.weights_changed(self.proxy.runtime)
 
     async def reload_command(self, args: Reload, client: str) -> Reply:
         return await self.reload(client, reset=args.reset)

@@ -458,6 +458,12 @@ def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
                    help="give up waiting after S seconds (default 30; exit 1 if not drained)")
     command("rollback", "all traffic to the safe backend, mode split, in one step",
             lambda a: ("rollback", {}), show_rollback)
+    p = command("release", "forget a model's owner (one you know no longer holds it)",
+                lambda a: ("release", {"model": a.model, "from_backend": a.from_backend}),
+                show_json)
+    p.add_argument("model")
+    p.add_argument("--from", dest="from_backend", metavar="BACKEND",
+                   help="release only if this backend is the owner")
     p = command("reload", "re-read the config file (like SIGHUP)",
                 lambda a: ("reload", {"reset": a.reset}), show_reload)
     p.add_argument("--reset", action="store_true",

@@ -54,6 +54,14 @@ class Metrics:
         self.duplicate_models = Counter("shim_duplicate_models",
                                         "Models found loaded on two backends at once",
                                         ["model"], registry=r)
+        self.duplicate_repairs = Counter("shim_duplicate_repairs",
+                                         "Duplicate models unloaded from a non-owner",
+                                         ["backend"], registry=r)
+        self.ejected = Gauge("shim_backend_ejected",
+                             "1 while the backend is ejected for failing requests",
+                             ["backend"], registry=r)
+        self.ejections = Counter("shim_ejections", "Outlier ejections of a backend",
+                                 ["backend"], registry=r)
         self.handovers = Counter("shim_model_handovers", "Models moved between backends",
                                  ["from_backend", "to_backend"], registry=r)
         self.vram_used = Gauge("shim_backend_vram_used_mb", "VRAM used per backend ledger",

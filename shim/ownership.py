@@ -1,18 +1,27 @@
-"""One owner per model: the shim decides which backend holds which model.
+"""One owner per model: the asyncio glue around the ownership state machine.
 
 Two model managers on one GPU, each with its own ledger, must never both load a model.
-So requests that name a model (generate, load, unload, model access) go to the model's
-owner while it is loaded there, whatever the weights say. Each model also has a desired
-backend: its name hashed to a routing bucket, so a weight sweep moves models one at a
-time as the bucket boundary passes them. When owner and desired backend differ, the
-model is handed over: new requests for it wait (bounded by their deadline), requests in
-flight on the old owner finish, the old owner unloads it, and only then does traffic go
-to the new owner, which loads it on demand.
+The decisions (who owns what, when a model may move) are made by
+:class:`shim.owners.OwnerTable`, which does no I/O; this module feeds it what happens on
+the wire and carries out what it decides:
 
-The table is learned from replies and refreshed by polling each backend's loaded models.
-A model seen loaded on two backends (confirmed by a second look, so that a hand-over
-between two polls is not mistaken for one) is counted, logged and, with
-``ownership.repair``, unloaded from the backend that is not its owner.
+* every request that names a model (generate, generate_text, load, unload, model
+  access, preload_models, and any request carrying ``model_id``, ``model_name`` or
+  ``model_ids``) asks the table first, in the ``admit`` hook (waiting out a hand-over,
+  bounded by the request's deadline) and the ``route`` hook (the one backend it may go
+  to, or an error reply in the caller's shape naming the owner);
+* each model's desired backend is its name hashed to a routing bucket, so a weight
+  sweep moves models one at a time as the bucket boundary passes them. A hand-over
+  waits for the old owner's requests in flight, sends it an unload, and only its reply
+  frees the model; the new owner loads it on demand;
+* a poll of each backend's loaded models (its own report) learns owners, frees models
+  a restarted backend no longer holds, and catches duplicates (confirmed by a second
+  look), which are unloaded from the backend that is not the owner (``ownership.repair``,
+  on by default), with a metric and an audit line.
+
+A backend that is slow, stalled or unreachable keeps its models (design.md, "Model
+ownership is a safety property"); ``release`` (``mmshim ctl release``) is the
+operator's way to free them.
 """
 
 from __future__ import annotations
@@ -21,19 +30,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from shim.config import OwnershipSection
-from shim.dialects import Kind, Op
+from shim.dialects import Form, Kind, Op
+from shim.owners import Move, OwnerTable, Refuse, Send, StartMove, Wait
 from shim.pool import BackendError
+from shim.proxy import ShimReply
 from shim.routing import bucket_of
 from shim.runtime import Runtime
 
 if TYPE_CHECKING:
+    from shim.audit import AuditLog
     from shim.proxy import Proxy
 
 log = logging.getLogger("mmshim.ownership")
@@ -41,37 +52,85 @@ log = logging.getLogger("mmshim.ownership")
 #: Operations whose target is decided by the model they name.
 MODEL_KINDS = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD, Kind.MODEL_ACCESS})
 _OK = frozenset({"ok", "SUCCESS", "MODEL_READY", "success"})
+#: Fields of an opaque request that name models (protocol.md: preload_models etc.).
+MODEL_FIELDS = ("model_id", "model_name")
 
 
-@dataclass(slots=True)
-class Move:
-    """A hand-over in progress: requests for the model wait on ``done``."""
-
-    source: str
-    target: str
-    done: asyncio.Event
+def models_named(op: Op) -> list[str]:
+    """The models a request names: the parsed ``model_id`` for the known model-bound
+    operations, else any ``model_id``/``model_name`` string or ``model_ids`` list of
+    strings in the request as sent (opaque requests, MMS ``load_model`` with
+    ``model_name``). Read-only operations name none."""
+    if op.kind in MODEL_KINDS and op.model_id:
+        return [op.model_id]
+    if op.kind not in MODEL_KINDS and op.kind is not Kind.OTHER:
+        return []
+    raw = op.raw
+    found = [v for k in MODEL_FIELDS if isinstance(v := raw.get(k), str) and v]
+    ids = raw.get("model_ids")
+    if isinstance(ids, list):
+        found += [v for v in ids if isinstance(v, str) and v]
+    return list(dict.fromkeys(found))
 
 
 class Ownership:
-    """The model -> backend table, its hand-overs and its duplicate detection (an addon)."""
+    """The addon: hooks on the data path, hand-over tasks, the poller, ``release``."""
 
     def __init__(self, proxy: Proxy, cfg: OwnershipSection) -> None:
         self._proxy = proxy
         self._cfg = cfg
-        self.owner: dict[str, str] = {}
-        self.moves: dict[str, Move] = {}
+        self.table = OwnerTable(shared=frozenset(cfg.shared_models))
         self.vram: dict[str, tuple[float | None, float | None]] = {}
         #: What each backend said it had loaded at the last poll.
         self.loaded: dict[str, set[str]] = {}
         self.duplicates_seen = 0
-        self._inflight: Counter[tuple[str, str]] = Counter()
-        self._changed: dict[str, float] = {}
+        self.duplicates_repaired = 0
+        self.refused = 0
+        self.longest_handover_s = 0.0
+        self._audit: AuditLog | None = None
+        #: Audit entries from before the controller handed us its log (the first poll).
+        self._unaudited: list[tuple[str, str, dict[str, list[Any]], dict[str, Any]]] = []
+        self._done: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._poller: asyncio.Task[None] | None = None
 
+    @property
+    def audit(self) -> AuditLog | None:
+        return self._audit
+
+    @audit.setter
+    def audit(self, log_: AuditLog | None) -> None:
+        """The controller's audit log (set when it starts); earlier entries go there now."""
+        self._audit = log_
+        if log_ is not None:
+            for entry in self._unaudited:
+                log_.record(*entry)
+            self._unaudited.clear()
+
+    def _record(self, command: str, changes: dict[str, list[Any]],
+                detail: dict[str, Any]) -> None:
+        entry = ("shim:ownership", command, changes, detail)
+        if self._audit is not None:
+            self._audit.record(*entry)
+        elif len(self._unaudited) < 1000:
+            self._unaudited.append(entry)
+
+    # -- views kept for the other addons (shadow) and the status page -----------------
+
+    @property
+    def owner(self) -> dict[str, str]:
+        return self.table.owners
+
+    @property
+    def moves(self) -> dict[str, Move]:
+        return self.table.moves
+
     # -- lifecycle (started and stopped with the shim) ------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Learn who holds what before the first request (bounded by one poll)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.poll_once(), min(2.0, self._poll_timeout() + 1.0))
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def stop(self) -> None:
@@ -83,9 +142,19 @@ class Ownership:
                 await task
 
     def describe(self) -> dict[str, Any]:
-        return {"owners": dict(sorted(self.owner.items())),
-                "moving": {m: f"{mv.source}->{mv.target}" for m, mv in self.moves.items()},
-                "duplicates_seen": self.duplicates_seen}
+        """``{"owners": {model: backend}, "moving": {model: "a->b"}, "suspect": [model],
+        ...}``: the table as the status page and ``ctl status`` show it."""
+        t = self.table
+        return {"owners": dict(sorted(t.owners.items())),
+                "moving": {m: f"{mv.source}->{mv.target}" for m, mv in t.moves.items()},
+                "suspect": t.suspect(self._alive),
+                "moves_done": t.moves_done,
+                "moves_cancelled": t.moves_cancelled,
+                "refused": self.refused,
+                "longest_handover_s": round(self.longest_handover_s, 3),
+                "duplicates_seen": self.duplicates_seen,
+                "duplicates_repaired": self.duplicates_repaired,
+                "repair": self._cfg.repair}
 
     # -- the addon hooks -------------------------------------------------------------
 
@@ -93,102 +162,168 @@ class Ownership:
         """Where the weights say ``model`` should live."""
         return rt.table.backend_for(bucket_of("model:" + model))
 
-    def route(self, op: Op, candidates: list[str], rt: Runtime) -> list[str]:
-        model = op.model_id if op.kind in MODEL_KINDS else None
-        if not model:
-            return candidates
-        move = self.moves.get(model)
-        if move is not None:
-            return [move.target]
-        backends = self._proxy.pool.backends
-        want = self.desired(model, rt)
-        owner = self.owner.get(model)
-        if owner is not None and backends[owner].healthy:
-            if owner == want or op.kind is Kind.UNLOAD or not backends[want].healthy:
-                return [owner]
-            self._start_move(model, owner, want)
-            return [want]
-        # No live owner (a dead owner's models died with it): the weights decide.
-        if not backends[want].healthy:
-            want = next((c for c in candidates if backends[c].healthy), want)
-        if op.kind is not Kind.UNLOAD:
-            # Claimed now, not when the reply comes: a second request for the model
-            # arriving meanwhile must not load it somewhere else.
-            self._set_owner(model, want)
-        return [want]
+    def _alive(self, backend: str) -> bool:
+        b = self._proxy.pool.backends.get(backend)
+        return b is not None and b.healthy
 
-    def before_send(self, op: Op, backend: str) -> asyncio.Future[Any] | None:
-        model = op.model_id if op.kind in MODEL_KINDS else None
-        if not model:
+    def _servable(self, op: Op, candidates: list[str]) -> list[str]:
+        if op.kind is Kind.OTHER:  # passed through to the caller's dialect only
+            own = [c for c in candidates if self._proxy.pool.backends[c].dialect == op.dialect]
+            return own or candidates
+        return candidates
+
+    def _decide(self, op: Op, candidates: list[str], rt: Runtime) -> Send | Wait | StartMove | \
+            Refuse | None:
+        models = models_named(op)
+        if not models or not candidates:
             return None
-        self._inflight[(model, backend)] += 1
-        move = self.moves.get(model)
-        if move is not None and move.target == backend:
-            return asyncio.ensure_future(move.done.wait())
+        servable = self._servable(op, candidates)
+        loads = op.kind is not Kind.UNLOAD
+        now = time.monotonic()
+        if len(models) == 1:
+            return self.table.decide(models[0], loads=loads, desired=self.desired(models[0], rt),
+                                     servable=servable, alive=self._alive, now=now)
+        return self.table.decide_many(models, loads=loads,
+                                      desired=lambda m: self.desired(m, rt),
+                                      servable=servable, alive=self._alive, now=now)
+
+    def admit(self, op: Op) -> Awaitable[Any] | None:
+        """Something to wait for before the request may be routed: a hand-over of the
+        model it names (started here when the weights want the model elsewhere)."""
+        rt = self._proxy.runtime
+        decision = self._decide(op, list(rt.table.names), rt)
+        if isinstance(decision, StartMove):
+            self._start_move(decision)
+            return self._done[decision.model].wait()
+        if isinstance(decision, Wait):
+            done = self._done.get(decision.model)
+            return done.wait() if done is not None else None
         return None
 
+    def route(self, op: Op, candidates: list[str], rt: Runtime) -> list[str]:
+        decision = self._decide(op, candidates, rt)
+        if decision is None:
+            return candidates
+        if isinstance(decision, Send):
+            return [decision.backend]
+        if isinstance(decision, Refuse):
+            self.refused += 1
+            code = ("PROCESSING_ERROR" if op.form is Form.MODEL_ACCESS
+                    else "SHIM_MODEL_OWNED_ELSEWHERE")
+            raise ShimReply(code, f"model {decision.model} is owned by {decision.owner}: "
+                                  f"{decision.reason}; not loading it elsewhere")
+        # Wait/StartMove: only without an admit hook (an old proxy); the owner keeps it.
+        move = self.table.moves.get(decision.model)
+        return [move.source] if move is not None else candidates
+
+    def before_send(self, op: Op, backend: str) -> None:
+        for model in models_named(op):
+            self.table.sent(model, backend)
+
     def after_send(self, op: Op, backend: str, reply: bytes | None) -> None:
-        model = op.model_id if op.kind in MODEL_KINDS else None
-        if not model:
+        models = models_named(op)
+        if not models:
             return
-        key = (model, backend)
-        self._inflight[key] -= 1
-        if self._inflight[key] <= 0:
-            del self._inflight[key]
-        if reply is None or model in self.moves:
-            return
-        if op.kind is Kind.UNLOAD:
-            if self.owner.get(model) == backend and _succeeded(reply):
-                self._set_owner(model, None)
-        elif self.owner.get(model) != backend and _succeeded(reply):
-            self._set_owner(model, backend)
+        ok = reply is not None and _succeeded(reply)
+        for model in models:
+            self.table.answered(model, backend, unloaded=ok and op.kind is Kind.UNLOAD,
+                                loaded=ok and op.kind is not Kind.UNLOAD)
 
     def after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
                     rt: Runtime) -> None:
         return None
 
+    # -- operator and weight changes -------------------------------------------------
+
+    def release(self, model: str, source: str | None = None) -> str | None:
+        """``ctl release MODEL [--from B]``: forget the model's owner. Returns the owner
+        it had, or None when there was nothing to release."""
+        owner = self.table.release(model, source)
+        done = self._done.pop(model, None)
+        if done is not None:
+            done.set()
+        if owner is not None:
+            log.warning("model %s released from %s by the operator", model, owner)
+        return owner
+
+    async def weights_changed(self, rt: Runtime) -> dict[str, Any]:
+        """After a weight change: cancel moves whose unload was not sent and that the new
+        weights no longer want; wait (bounded) for the ones already unloading. Returns
+        what was done, for the command's reply."""
+        cancelled = self.table.cancel_stale_moves(lambda m: self.desired(m, rt))
+        for model in cancelled:
+            done = self._done.pop(model, None)
+            if done is not None:
+                done.set()
+        waiting = [self._done[m] for m in self.table.moves if m in self._done]
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in waiting)),
+                                       self._cfg.handover_timeout_ms / 1000 + 1.0)
+        return {"cancelled_moves": sorted(cancelled),
+                "moving": {m: f"{mv.source}->{mv.target}" for m, mv in self.table.moves.items()}}
+
     # -- hand-over -------------------------------------------------------------------
 
-    def _start_move(self, model: str, source: str, target: str) -> None:
-        self.moves[model] = Move(source, target, asyncio.Event())
-        task = asyncio.create_task(self._move(model))
+    def _start_move(self, move: StartMove) -> None:
+        self._done[move.model] = asyncio.Event()
+        task = asyncio.create_task(self._move(move.model))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _move(self, model: str) -> None:
-        move = self.moves[model]
-        deadline = time.monotonic() + self._cfg.handover_timeout_ms / 1000
+        move = self.table.moves.get(model)
+        done = self._done.get(model)
+        if move is None or done is None:
+            return
+        started = time.monotonic()
+        deadline = started + self._cfg.handover_timeout_ms / 1000
+        confirmed = False
         try:
-            while self._inflight.get((model, move.source)) and time.monotonic() < deadline:
+            while self.table.busy(model, move.source) and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
-            remaining = max(0.05, deadline - time.monotonic())
-            result = await self._proxy.call(
-                move.source, {"command": "UNLOAD_MODEL", "model_name": model}, remaining)
-            if not result.ok and await self._still_loaded(move.source, model):
-                log.error("hand-over of %s: %s did not unload it (%s); it stays there",
-                          model, move.source, result.message)
+            if self.table.moves.get(model) is not move:
+                return  # cancelled (weights moved it back, or released) meanwhile
+            if self.table.busy(model, move.source):
+                log.warning("hand-over of %s: %s still busy with it; it stays there",
+                            model, move.source)
+                self.table.abandon(model)
                 return
-            self._set_owner(model, None)  # the new owner loads it on demand
-            self._proxy.metrics.handovers.labels(move.source, move.target).inc()
-            log.info("model %s handed over from %s to %s", model, move.source, move.target)
-        except BackendError as exc:
-            log.error("hand-over of %s from %s failed: %s", model, move.source, exc)
+            self.table.unload_sending(model)
+            remaining = max(0.05, deadline - time.monotonic())
+            try:
+                result = await self._proxy.call(
+                    move.source, {"command": "UNLOAD_MODEL", "model_name": model}, remaining)
+                confirmed = result.ok or not await self._still_loaded(move.source, model)
+                if not confirmed:
+                    log.error("hand-over of %s: %s did not unload it (%s); it stays there",
+                              model, move.source, result.message)
+            except BackendError as exc:
+                log.error("hand-over of %s from %s: no unload reply (%s); it stays there",
+                          model, move.source, exc)
+            if confirmed:
+                elapsed = time.monotonic() - started
+                self.longest_handover_s = max(self.longest_handover_s, elapsed)
+                self._proxy.metrics.handovers.labels(move.source, move.target).inc()
+                log.info("model %s handed over from %s to %s", model, move.source, move.target)
         finally:
-            del self.moves[model]
-            move.done.set()
+            if self.table.moves.get(model) is move:
+                if move.unload_sent:
+                    self.table.unload_result(model, confirmed)
+                else:
+                    self.table.abandon(model)
+            if self._done.get(model) is done:
+                del self._done[model]
+            done.set()
 
     async def _still_loaded(self, backend: str, model: str) -> bool:
         loaded = await self._loaded(backend)
         return loaded is None or model in loaded
 
-    def _set_owner(self, model: str, backend: str | None) -> None:
-        if backend is None:
-            self.owner.pop(model, None)
-        else:
-            self.owner[model] = backend
-        self._changed[model] = time.monotonic()
-
     # -- polling ---------------------------------------------------------------------
+
+    def _poll_timeout(self) -> float:
+        return max(b.config.timeout_ms for b in self._proxy.pool.backends.values()) / 1000
 
     async def _poll_forever(self) -> None:
         while True:
@@ -199,11 +334,11 @@ class Ownership:
                 log.exception("ownership poll failed")
 
     async def _loaded(self, backend: str) -> set[str] | None:
-        """The models loaded on ``backend`` now, or None if it could not be asked."""
+        """The models loaded on ``backend`` now (its own report), or None if unknown."""
         try:
             result = await self._proxy.call(
                 backend, {"command": "GET_LOADED_MODELS_STATUS"},
-                self._proxy.pool.backends[backend].config.timeout_ms / 1000)
+                min(self._proxy.pool.backends[backend].config.timeout_ms / 1000, 5.0))
         except BackendError:
             return None
         if not result.ok or result.loaded_models is None:
@@ -221,59 +356,58 @@ class Ownership:
         return set(result.loaded_models)
 
     async def poll_once(self) -> None:
-        """Refresh the table from the backends' own view, and catch duplicates."""
-        started = time.monotonic()
-        names = [n for n, b in self._proxy.pool.backends.items() if b.healthy]
-        views = dict(zip(names, await asyncio.gather(*(self._loaded(n) for n in names)),
-                         strict=True))
-        where: dict[str, set[str]] = {}
-        for name, models in views.items():
-            for model in models or ():
-                where.setdefault(model, set()).add(name)
-        rt = self._proxy.runtime
-        for model, backends in where.items():
-            if model in self.moves or self._changed.get(model, 0) > started:
-                continue  # a hand-over or a reply changed it while we were asking
-            if model in self._cfg.shared_models:
+        """Refresh the table from the backends' own reports, and catch duplicates.
+
+        Every backend is asked, answering or not: one that does not answer tells nothing
+        (its models stay its own), one that answers without a model it owned no longer
+        holds it (unloaded, idle-evicted, or restarted with an empty ledger).
+        """
+        since = self.table.snapshot()
+        names = list(self._proxy.pool.backends)
+        views = await asyncio.gather(*(self._loaded(n) for n in names))
+        suspects: dict[str, set[str]] = {}
+        for name, models in zip(names, views, strict=True):
+            if models is None:
                 continue
-            if len(backends) > 1 and await self._confirm_duplicate(model, backends):
-                await self._duplicate(model, backends, rt)
-            elif len(backends) == 1:
-                (backend,) = backends
-                if self.owner.get(model) != backend:
-                    self._set_owner(model, backend)
-                want = self.desired(model, rt)
-                if backend != want and self._proxy.pool.backends[want].healthy:
-                    self._start_move(model, backend, want)
-        for model, owner in list(self.owner.items()):
-            gone = views.get(owner) is not None and model not in where
-            if gone and model not in self.moves and self._changed.get(model, 0) <= started:
-                self._set_owner(model, None)
+            for model in self.table.observe(name, models, since):
+                suspects.setdefault(model, set()).add(name)
+        for model, others in suspects.items():
+            owner = self.table.owners.get(model)
+            if owner is None or model in self.table.moves:
+                continue
+            if await self._confirm_duplicate(model, {owner, *others}):
+                await self._duplicate(model, owner, others)
 
     async def _confirm_duplicate(self, model: str, backends: set[str]) -> bool:
         """Ask again: a model that moved between two polls is not a duplicate."""
         again = await asyncio.gather(*(self._loaded(b) for b in sorted(backends)))
         return sum(1 for seen in again if seen is not None and model in seen) > 1
 
-    async def _duplicate(self, model: str, backends: set[str], rt: Runtime) -> None:
+    async def _duplicate(self, model: str, owner: str, others: set[str]) -> None:
         self.duplicates_seen += 1
-        self._proxy.metrics.duplicate_models.labels(model).inc()
-        owner = self.owner.get(model)
-        if owner not in backends:
-            owner = self.desired(model, rt) if self.desired(model, rt) in backends \
-                else sorted(backends)[0]
-        log.error("model %s is loaded on %s at once (owner %s)%s", model,
-                  ", ".join(sorted(backends)), owner,
-                  "; unloading the others" if self._cfg.repair else "")
-        self._set_owner(model, owner)
+        metrics = self._proxy.metrics
+        metrics.duplicate_models.labels(model).inc()
+        log.error("model %s is loaded on %s and its owner %s%s", model,
+                  ", ".join(sorted(others)), owner,
+                  "; unloading it from the others" if self._cfg.repair else "")
         if not self._cfg.repair:
             return
-        for other in sorted(backends - {owner}):
+        for other in sorted(others - {owner}):
+            if self.table.owners.get(model) != owner or self.table.busy(model, other):
+                continue
             try:
-                await self._proxy.call(other, {"command": "UNLOAD_MODEL", "model_name": model},
-                                       self._proxy.pool.backends[other].config.timeout_ms / 1000)
+                result = await self._proxy.call(
+                    other, {"command": "UNLOAD_MODEL", "model_name": model},
+                    self._proxy.pool.backends[other].config.timeout_ms / 1000)
             except BackendError as exc:
                 log.error("could not unload duplicate %s from %s: %s", model, other, exc)
+                continue
+            self.duplicates_repaired += 1
+            metrics.duplicate_repairs.labels(other).inc()
+            self._record("duplicate_repair",
+                         {f"loaded.{other}.{model}": [True, not result.ok]},
+                         {"model": model, "owner": owner, "unloaded_from": other,
+                          "ok": result.ok})
 
 
 def _succeeded(reply: bytes) -> bool:

@@ -21,6 +21,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from heapq import heappop, heappush
 
@@ -104,10 +105,23 @@ class Backend:
     connected_endpoints: int = 0
     #: Set while at least one endpoint is connected.
     connected_event: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Outlier ejection (shim.ejection): no traffic before this time.monotonic(); then,
+    #: while ``trial_inflight`` is set, at most that many requests at once (a trickle).
+    ejected_until: float = 0.0
+    trial_inflight: int = 0
+    #: Told of each request's outcome (backend name, True when a reply came), when set.
+    on_result: Callable[[str, bool], None] | None = None
 
     def record_failure(self) -> None:
         self.failures += 1
         self.last_failure = time.monotonic()
+        if self.on_result is not None:
+            self.on_result(self.name, False)
+
+    def record_success(self) -> None:
+        self.failures = 0
+        if self.on_result is not None:
+            self.on_result(self.name, True)
 
     @property
     def dialect(self) -> str:
@@ -125,7 +139,13 @@ class Backend:
     def healthy(self) -> bool:
         """Worth sending to: probes pass, requests are not failing, a peer is connected."""
         return (self.probe_ok and self.failures < self.failure_limit
-                and self.connected_endpoints > 0)
+                and self.connected_endpoints > 0
+                and (not self.ejected_until or self._admitted()))
+
+    def _admitted(self) -> bool:
+        if time.monotonic() < self.ejected_until:
+            return False
+        return not self.trial_inflight or self.inflight < self.trial_inflight
 
 
 class BackendPool:
@@ -228,7 +248,7 @@ class BackendPool:
             self._metrics.late_replies.labels(endpoint.backend.name).inc()
             return
         self._settle(frames[0], pending)
-        endpoint.backend.failures = 0
+        endpoint.backend.record_success()
         if pending.future.done():  # its caller gave up (cancelled)
             return
         if len(frames) != 3 or frames[1]:

@@ -190,6 +190,7 @@ class Proxy:
             action = op.kind.value
             rule = rt.rules[action]
             deadline = started + rule.timeout_ms / 1000
+            rt = await self._admit(op, rt, deadline)
             candidates = self._route(rt, op, msg, rule)
             backend, reply = await self._forward(op, payload, candidates, rule, deadline)
             self._send(envelope, reply)
@@ -217,6 +218,22 @@ class Proxy:
                 addon.after_reply(op, backend, request, reply, rt)
             except Exception:
                 log.exception("addon %s failed after a reply", type(addon).__name__)
+
+    async def _admit(self, op: Op, rt: Runtime, deadline: float) -> Runtime:
+        """Wait until no addon holds the request back (an ``admit`` hook, e.g. a model
+        hand-over in shim.ownership), then route on the runtime in force at that instant:
+        the last ``admit`` check and ``_route`` run without yielding in between."""
+        for _ in range(100):
+            waiting = None
+            for addon in self.addons:
+                admit = getattr(addon, "admit", None)
+                if admit is not None and (waiting := admit(op)) is not None:
+                    break
+            if waiting is None:
+                return rt
+            await _bounded(waiting, deadline)
+            rt = self.runtime
+        raise ShimReply("SHIM_TIMEOUT", "the model kept moving; try again")
 
     def _route(self, rt: Runtime, op: Op, msg: dict[str, Any], rule: Rule) -> list[str]:
         """Backends to try, in order: pin, else weights (sticky), then failover."""

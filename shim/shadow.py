@@ -82,6 +82,44 @@ def requests_for(op: Op, dialect: str, payload: bytes | None, policy: Mapping[st
     return [_encode(r) for r in dialects.render_request(op, dialect, policy)]
 
 
+#: The request field the reference backends (backends.server.NO_LOAD_FIELD) read as
+#: "never load, remember nothing, record no usage": set on every mirrored copy.
+NO_LOAD_FIELD = "shim_no_load"
+#: Reply fields that only echo the conversation the shadow copy no longer names.
+_CONVERSATION_ECHO = ("conversation_id", "using_kv_cache")
+
+
+def side_effect_free(frames: list[bytes]) -> list[bytes]:
+    """Mirrored copies that leave no state on the shadow backend (design.md invariant 3):
+    without ``conversation_id`` (no conversation is created or extended there) and with
+    ``NO_LOAD_FIELD`` (the backend answers an error rather than load the model, and keeps
+    no usage record). Frames that are not JSON objects go unchanged."""
+    out = []
+    for frame in frames:
+        try:
+            msg = _decode(frame)
+        except msgspec.DecodeError:
+            out.append(frame)
+            continue
+        if not isinstance(msg, dict):
+            out.append(frame)
+            continue
+        msg.pop("conversation_id", None)
+        msg[NO_LOAD_FIELD] = True
+        out.append(_encode(msg))
+    return out
+
+
+def restore_echo(primary: Any, shadow: Any) -> Any:
+    """The shadow reply with the conversation echo the primary reply carries (the copy
+    was sent without its conversation, so these fields would differ by construction)."""
+    if isinstance(primary, dict) and isinstance(shadow, dict):
+        for key in _CONVERSATION_ECHO:
+            if key in primary and key not in shadow:
+                shadow[key] = primary[key]
+    return shadow
+
+
 def caller_reply(op: Op, dialect: str, raw: list[bytes], translate: bool = True) -> Any:
     """A backend's reply frames as the caller would have got them, decoded."""
     if not translate or op.dialect == dialect:
@@ -343,7 +381,8 @@ class Shadow:
         dialect = self._pool.backends[target].dialect
         translate = rule.translate and op.dialect != dialect
         try:
-            frames = requests_for(op, dialect, request, self._policy, translate)
+            frames = side_effect_free(
+                requests_for(op, dialect, request, self._policy, translate))
             futures = send_all(self._pool, target, frames, timeout)
         except (dialects.Unsupported, BackendError) as exc:
             self._error(op, target, "shadow_error", str(exc))
@@ -358,8 +397,8 @@ class Shadow:
             secondary_dialect = twins.backends[primary].dialect
             secondary_translate = rule.translate and op.dialect != secondary_dialect
             try:
-                frames = requests_for(op, secondary_dialect, request, self._policy,
-                                      secondary_translate)
+                frames = side_effect_free(requests_for(op, secondary_dialect, request,
+                                                       self._policy, secondary_translate))
                 futures += send_all(twins, primary, frames, timeout)
             except (dialects.Unsupported, BackendError):
                 secondary_dialect = None  # compare without calibration
@@ -432,6 +471,9 @@ class Shadow:
                 twin = caller_reply(op, job.secondary_dialect, twin_raw,
                                     job.secondary_translate)
                 calibrated = True
+        shadow = restore_echo(primary, shadow)
+        if twin is not None:
+            twin = restore_echo(primary, twin)
         rules = self.rules.for_action(op.kind.value)
         diffs, noise = judge(rules, primary, shadow, twin, calibrated)
         self._record(op.kind.value, "mismatch" if diffs else "match",
