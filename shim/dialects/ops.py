@@ -183,6 +183,25 @@ def req_str(msg: Mapping[str, Any], key: str) -> str | None:
     raise BadRequest(f"'{key}' must be a string, got {_type_name(value)}")
 
 
+def loose_str(msg: Mapping[str, Any], key: str) -> str | None:
+    """``msg[key]`` read as loosely as the legacy endpoint did (protocol.md, "Field types
+    are loose"): a string as it is, a number as its text (``123`` -> ``"123"``), anything
+    else as absent. Never raises: only what routing needs is decoded, the request itself
+    goes on untouched."""
+    value = msg.get(key)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def loose_dict(msg: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``msg[key]`` when it is an object, else ``{}`` (a string ``context`` is accepted)."""
+    value = msg.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def req_dict(msg: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     """``msg[key]`` as an object, None when absent; BadRequest when of another type."""
     value = msg.get(key)
