@@ -107,12 +107,16 @@ class Backend:
     #: Set while at least one endpoint is connected.
     connected_event: asyncio.Event = field(default_factory=asyncio.Event)
     #: time.monotonic() when the last endpoint went (or the pool started): a backend gone
-    #: for less than the reconnect grace counts as restarting (see ``restarting``).
+    #: for less than the reconnect grace counts as restarting (see ``restart_wait_s``).
     down_since: float = field(default_factory=time.monotonic)
 
-    def restarting(self, grace_s: float) -> bool:
-        """Not connected now, but only for less than ``grace_s``: worth waiting for."""
-        return not self.connected and time.monotonic() - self.down_since < grace_s
+    def restart_wait_s(self, grace_s: float) -> float:
+        """How long a request that only this backend can serve may wait for it to come
+        back: what is left of ``grace_s`` since it went (0 when connected, or gone for
+        longer: a retired backend is not waited for)."""
+        if self.connected:
+            return 0.0
+        return max(0.0, grace_s - (time.monotonic() - self.down_since))
 
     def record_failure(self) -> None:
         self.failures += 1

@@ -238,8 +238,8 @@ class Proxy:
         finally:
             if not future.done():
                 future.set_result(reply)
-            self._send(envelope, reply)
             self.metrics.record_request(backend, action, outcome, time.perf_counter() - started)
+            self._send(envelope, reply)
             if op is not None and backend in self.pool.backends:
                 self._after_reply(op, backend, body[0], reply[0], rt)  # never raises
 
@@ -372,8 +372,8 @@ class Proxy:
                 if last_chance and not backend.connected:
                     # Nothing else to try: a backend known to be restarting has until the
                     # deadline; one that is gone (retired, stopped) is answered for at once.
-                    if backend.restarting(self._grace_s):
-                        await self.pool.wait_connected(name, deadline - time.perf_counter())
+                    await self.pool.wait_connected(name, min(
+                        deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
                     if not backend.connected:
                         raise BackendUnavailable(f"backend {name} is not connected")
                 remaining = deadline - time.perf_counter()
@@ -462,8 +462,9 @@ class Proxy:
         backend = self.pool.backends[name]
         deadline = started + self._deadlines.ms(rt, "opaque", None, None) / 1000
         try:
-            if not backend.connected and backend.restarting(self._grace_s):
-                await self.pool.wait_connected(name, deadline - time.perf_counter())
+            if not backend.connected:
+                await self.pool.wait_connected(name, min(
+                    deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
             timeout = min(deadline - time.perf_counter(), backend.config.timeout_ms / 1000)
             return name, await self.pool.request_frames(name, list(body), timeout)
         except BackendError as exc:
