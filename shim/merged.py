@@ -10,19 +10,24 @@ once per device (two managers on one GPU share one budget: the larger is reporte
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from shim.dialects import ModelInfo, Op, Result
 
 
-def label_devices(result: Result, device: str) -> None:
-    """Fill ``device`` where the backend reported none (MMS) with the configured label."""
-    if not device:
-        return
-    for info in (result.loaded_models or {}).values():
-        if info.device in ("", "unknown"):
+def label_devices(result: Result, device: str,
+                  quantization: Mapping[str, str] | None = None) -> None:
+    """Fill what the backend did not report (MMS reports neither): ``device`` with the
+    backend's configured label, ``quantization`` from the model config."""
+    for model, info in (result.loaded_models or {}).items():
+        if device and info.device in ("", "unknown"):
             info.device = device
+        if quantization and info.quantization in ("", "unknown") and model in quantization:
+            info.quantization = quantization[model]
 
 
-def merge(op: Op, results: dict[str, Result], devices: dict[str, str]) -> Result:
+def merge(op: Op, results: dict[str, Result], devices: Mapping[str, str],
+          quantization: Mapping[str, str] | None = None) -> Result:
     """One Result from each backend's (successful) Result; ``devices`` labels backends.
 
     A model on two backends at once keeps the entry with the more recent ``last_used``
@@ -35,7 +40,7 @@ def merge(op: Op, results: dict[str, Result], devices: dict[str, str]) -> Result
     total_models = 0
     merged = Result(ok=True, source="shim")
     for name, r in results.items():
-        label_devices(r, devices.get(name, ""))
+        label_devices(r, devices.get(name, ""), quantization)
         for model, info in (r.loaded_models or {}).items():
             info.last_used = float(info.last_used or 0.0)
             old = loaded.get(model)
@@ -58,7 +63,7 @@ def merge(op: Op, results: dict[str, Result], devices: dict[str, str]) -> Result
     merged.loaded_models = loaded
     merged.loaded_count = len(loaded)
     merged.vram_used_mb = round(used) if float(used).is_integer() else used
-    total_budget = sum(budgets.values())
+    total_budget = float(sum(budgets.values()))
     merged.vram_budget_mb = round(total_budget) if total_budget.is_integer() else total_budget
     merged.total_models = max(total_models, len(loaded))
     merged.health = health

@@ -106,6 +106,7 @@ class Proxy:
         #: Which backend served each conversation (bounded LRU + TTL).
         self.conversations = Conversations(cfg.conversations)
         self._catalogue = load_catalogue(cfg.models_file)
+        self._quantization = {m: e.quantization for m, e in self._catalogue.items()}
         self._devices = {name: b.device for name, b in cfg.backends.items()}
         self._dialects = {name: b.dialect for name, b in cfg.backends.items()}
         self._sticky_key = cfg.routing.sticky_key
@@ -295,7 +296,8 @@ class Proxy:
                    if isinstance(a, Result) and a.ok}
         if not results:
             return None
-        return _encode(dialects.render_reply(op, merge(op, results, self._devices)))
+        merged = merge(op, results, self._devices, self._quantization)
+        return _encode(dialects.render_reply(op, merged))
 
     def _route(self, rt: Runtime, op: Op, msg: dict[str, Any], rule: Rule) -> list[str]:
         """Backends to try, in order: pin, else weights (sticky), then failover."""
@@ -419,13 +421,21 @@ class Proxy:
             raise BackendBadReply(result.message or "unusable backend reply")
         if result.conversation_id is not None and op.conversation_id is not None:
             result.conversation_id = op.conversation_id
-        label_devices(result, self._devices.get(name, ""))
+        label_devices(result, self._devices.get(name, ""), self._quantization)
         info = result.access_info
-        entry = self._catalogue.get(op.model_id or "")
-        if info is not None and entry is not None and dialect == "mms":
-            info.model_path_from_config = info.model_path_from_config or entry.path
-            if op.quantization is None:
+        if info is not None and dialect == "mms":
+            entry = self._catalogue.get(op.model_id or "")
+            context = op.raw.get("context")
+            given = context if isinstance(context, dict) else {}
+            if entry is not None and not info.model_path_from_config:
+                info.model_path_from_config = entry.path
+            quantization, priority = given.get("quantization_level"), given.get("priority")
+            if isinstance(quantization, str | int) and not isinstance(quantization, bool):
+                info.quantization_level = quantization  # echoed as sent, as MMA does
+            elif entry is not None:
                 info.quantization_level = entry.quantization
+            if isinstance(priority, str | int) and not isinstance(priority, bool):
+                info.priority = priority
         return _encode(dialects.render_reply(op, result))
 
     async def call(self, backend: str, msg: dict[str, Any], timeout_s: float) -> Result:

@@ -101,8 +101,9 @@ class AccessInfo(msgspec.Struct, kw_only=True):
     message: str | None = None
     model_path_from_config: str | None = None
     vram_allocated_mb: int | float | None = None
-    quantization_level: str | None = None
-    priority: str | None = None
+    #: As the caller or backend sent them: the legacy endpoint echoed ints too.
+    quantization_level: str | int | None = None
+    priority: str | int | None = None
 
 
 class Result(msgspec.Struct, kw_only=True):

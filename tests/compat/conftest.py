@@ -38,7 +38,8 @@ def compat_config(mma: Backend, mms: Backend, tmp: Path, weights: tuple[int, int
     cfg["models_file"] = str(MODELS_TOML)
     cfg.pop("policy", None)  # from models_file, as `make run` does
     cfg["shim"] = {**cfg["shim"], "reconnect_grace_ms": 300}  # type: ignore[dict-item]
-    cfg["backends"]["mms"]["device"] = "MainPC"  # type: ignore[index]
+    for name in ("mma", "mms"):  # one machine: one budget in the merged view
+        cfg["backends"][name]["device"] = "MainPC"  # type: ignore[index]
     return cfg
 
 

@@ -16,6 +16,7 @@ expectations replacing ``expect``, and why); README.md lists the same exceptions
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +109,7 @@ NO_BACKEND_COMMAND = ({"status": "ERROR", "error_code": "SHIM_NO_BACKEND", "mess
                       NO_BACKEND_ACTION[1])
 MMS_SERVED = "legacy MMA does not know MMS actions (\"Unknown action\"); the shim serves " \
              "them on MMS (migration tooling sends them to 5570)"
-AUDIO = [round(0.001 * (i % 200) - 0.1, 6) for i in range(64_000)]  # 4 s of 16 kHz audio
+AUDIO = [0.1 * math.sin(i / 7.0) for i in range(64_000)]  # 4 s of 16 kHz audio, ~1.3 MB
 
 
 CORPUS: list[Entry] = [
