@@ -37,7 +37,7 @@ def merge(op: Op, results: dict[str, Result], devices: Mapping[str, str],
     used: float = 0.0
     budgets: dict[str, float] = {}
     health = "ok"
-    total_models = 0
+    total_models = counted = 0
     merged = Result(ok=True, source="shim")
     for name, r in results.items():
         label_devices(r, devices.get(name, ""), quantization)
@@ -56,12 +56,13 @@ def merge(op: Op, results: dict[str, Result], devices: Mapping[str, str],
         if r.health not in (None, "ok"):
             health = "degraded"
         total_models = max(total_models, r.total_models or 0)
+        counted += r.loaded_count or 0  # HEALTH_CHECK/health_check report a count only
         if merged.routing_policy is None and r.routing_policy is not None:
             merged.routing_policy = r.routing_policy
         if merged.uptime_s is None and r.uptime_s:
             merged.uptime_s = r.uptime_s
     merged.loaded_models = loaded
-    merged.loaded_count = len(loaded)
+    merged.loaded_count = len(loaded) if loaded else counted
     merged.vram_used_mb = round(used) if float(used).is_integer() else used
     total_budget = float(sum(budgets.values()))
     merged.vram_budget_mb = round(total_budget) if total_budget.is_integer() else total_budget
