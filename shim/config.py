@@ -119,7 +119,9 @@ class DeadlinesSection(Base):
     """How long the shim works on a request: it follows the caller (protocol.md, "What the
     deployed agents really send"). The first match wins: ``[actions.X].timeout_ms`` when
     set, then ``names`` (the action or command as sent), then ``forms``, then
-    ``shim.default_timeout_ms``. Milliseconds."""
+    ``shim.default_timeout_ms``. Milliseconds. A config file that sets
+    ``shim.default_timeout_ms`` and has no ``[deadlines]`` table gets empty tables: its one
+    timeout applies to everything, as it did before this table existed."""
 
     #: Per request form: action, command, model_access, mms (an MMS-dialect caller),
     #: opaque (bytes passed through).
@@ -235,6 +237,11 @@ def decode_config(raw: dict[str, object], *, source: str = "<config>",
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     validate(cfg, source)
+    shim_raw = raw.get("shim")
+    if isinstance(shim_raw, dict) and "default_timeout_ms" in shim_raw and \
+            "deadlines" not in raw:
+        # A config that sets one timeout for everything (as before [deadlines]) keeps it.
+        cfg.deadlines = DeadlinesSection(forms={}, names={})
     if base_dir is not None:
         _resolve_paths(cfg, base_dir)
     if not cfg.policy:
