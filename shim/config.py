@@ -153,7 +153,8 @@ class ConversationsSection(Base):
 class MergeSection(Base):
     """status / GET_LOADED_MODELS_STATUS / HEALTH_CHECK from every backend at once.
 
-    "split": while more than one backend has a weight above 0; "always"; "never"."""
+    "split": in split mode while more than one backend has a weight above 0 (in shadow
+    mode the primary's own answer is what shadow compares); "always"; "never"."""
 
     loaded: Literal["split", "always", "never"] = "split"
 

@@ -281,7 +281,10 @@ class Proxy:
         mode = self.cfg.merge.loaded
         if mode == "never":
             return False
-        return mode == "always" or sum(1 for w in rt.weights.values() if w > 0) > 1
+        # "split": two backends serve traffic (in shadow mode one answers, the other is
+        # compared against it, so the answer stays the primary's own).
+        return mode == "always" or (rt.mode == "split" and
+                                    sum(1 for w in rt.weights.values() if w > 0) > 1)
 
     async def _merged(self, op: Op, deadline: float) -> bytes | None:
         """status / GET_LOADED_MODELS_STATUS / HEALTH_CHECK from every connected backend,
