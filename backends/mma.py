@@ -6,7 +6,8 @@ requests (GET_LOADED_MODELS_STATUS, LOAD_MODEL, UNLOAD_MODEL, HEALTH_CHECK), the
 agents' model-access request (no ``action`` at all) and the catch-all error. Conversation
 history is kept per ``conversation_id`` and fed back into the prompt.
 
-Run: ``python -m backends.mma --port 5580 --health-port 5581 --models config/models.toml``.
+Run: ``python -m backends.mma --port 7224 --health-port 7225 --models config/models.toml``
+(7224: the host port of MMA in the deployed stack; 5580/5581 belong to other agents there).
 """
 
 from __future__ import annotations
@@ -258,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = server.make_parser(
         "python -m backends.mma",
         "Reference ModelManagerAgent (legacy MMA dialect; evicts LRU idle models when full).",
-        port=5580,
-        health_port=5581,
+        port=7224,
+        health_port=7225,
         port_env="MODEL_MANAGER_PORT",
         health_env=None,
     )

@@ -2,7 +2,9 @@
 
 The bench configs switch off what the echo backends cannot take part in (model
 ownership polling, health probes: the echoes have no health socket), so what is
-measured is the data path: decode, route, translate, pool, shadow.
+measured is the data path: decode, route, translate, pool, shadow. Duplicate joins are
+off too: the load generator sends the same bytes from every client, which would
+otherwise join into fewer backend executions than requests.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def shim_config(work: Path, name: str, backends: dict[str, tuple[str, str]],
         "backends": {n: {"dialect": d, "endpoints": [ep]} for n, (d, ep) in backends.items()},
         "routing": {"mode": mode, "weights": weights, "safe_backend": next(iter(backends))},
         "ownership": {"enabled": False},
+        "dedup": {"enabled": False},
         "policy": POLICY,
         "shadow": {"diff_log": str(work / f"{name}-diffs.jsonl"), **(shadow or {})},
     }

@@ -52,13 +52,23 @@ class ShimSection(Base):
     listen: str = "tcp://*:5570"
     health: str = "tcp://*:6570"
     metrics: str = "127.0.0.1:9570"
-    admin: str = "tcp://127.0.0.1:5590"
+    #: Off 5590 (the emotion engine's host port in the deployed stack, protocol.md).
+    admin: str = "tcp://127.0.0.1:9571"
     admin_token_file: str = ""
     state_file: str = "state/shim-state.json"
-    max_request_bytes: int = 1 << 20
-    opaque: Literal["forward", "reject"] = "reject"
+    #: Soft limit: a larger request is answered SHIM_BAD_REQUEST in the caller's shape.
+    #: Real audio requests (TRANSCRIBE_AUDIO, a JSON list of floats) are 1-5 MB.
+    max_request_bytes: int = 16 << 20
+    #: Non-object JSON, non-JSON and multi-frame requests: "forward" sends the bytes to the
+    #: legacy-dialect backend and passes its reply back unchanged; "reject" refuses them.
+    opaque: Literal["forward", "reject"] = "forward"
     drain_timeout_s: float = 5.0
     default_timeout_ms: int = 4500
+    #: How long a backend that just disconnected counts as restarting: a request that only
+    #: it can serve waits for it (within its deadline); after that it is answered at once.
+    reconnect_grace_ms: int = 3000
+    #: The backend opaque requests go to; empty: the legacy-dialect (MMA) backend.
+    opaque_backend: str = ""
 
 
 class BackendConfig(Base):
@@ -67,7 +77,11 @@ class BackendConfig(Base):
     dialect: Literal["mma", "mms"]
     endpoints: list[str]
     health: str = ""
-    timeout_ms: int = 4500
+    #: Cap on one attempt; the request's own deadline (see [deadlines]) is the other bound.
+    timeout_ms: int = 30000
+    #: The ``device`` reported for this backend's models where it reports none (MMS);
+    #: agents filter loaded_models on it ("MainPC", "PC2"). Empty: "unknown".
+    device: str = ""
     #: A second instance of the same backend, used by shadow mode to calibrate noise.
     secondary: str = ""
 
@@ -102,6 +116,50 @@ class ActionRule(Base):
     pin: str = ""
     translate: bool = True
     mirror: MirrorPolicy | None = None
+
+
+class DeadlinesSection(Base):
+    """How long the shim works on a request: it follows the caller (protocol.md, "What the
+    deployed agents really send"). The first match wins: ``[actions.X].timeout_ms`` when
+    set, then ``names`` (the action or command as sent), then ``forms``, then
+    ``shim.default_timeout_ms``. Milliseconds. A config file that sets
+    ``shim.default_timeout_ms`` and has no ``[deadlines]`` table gets empty tables: its one
+    timeout applies to everything, as it did before this table existed."""
+
+    #: Per request form: action, command, model_access, mms (an MMS-dialect caller),
+    #: opaque (bytes passed through).
+    forms: dict[str, int] = msgspec.field(default_factory=lambda: {
+        "action": 4500, "command": 4500, "model_access": 9500, "mms": 29000,
+        "opaque": 4500})
+    #: Per action or command name as sent.
+    names: dict[str, int] = msgspec.field(default_factory=lambda: {
+        "generate": 29000, "generate_text": 29000, "generate_speech": 29000,
+        "status": 900, "clear_conversation": 2500, "TRANSCRIBE_AUDIO": 9500})
+
+
+class DedupSection(Base):
+    """Re-sent duplicates join the request in flight (Lazy Pirate clients re-send)."""
+
+    enabled: bool = True
+    #: A request with the same payload bytes joins one still in flight that arrived at
+    #: most this long before it (requests with the same ``request_id`` always join).
+    bytes_window_ms: int = 30000
+
+
+class ConversationsSection(Base):
+    """Which backend served each conversation (shim.conversations): bounded LRU + TTL."""
+
+    max_entries: int = 10000
+    ttl_s: float = 3600.0
+
+
+class MergeSection(Base):
+    """status / GET_LOADED_MODELS_STATUS / HEALTH_CHECK from every backend at once.
+
+    "split": in split mode while more than one backend has a weight above 0 (in shadow
+    mode the primary's own answer is what shadow compares); "always"; "never"."""
+
+    loaded: Literal["split", "always", "never"] = "split"
 
 
 class OwnershipSection(Base):
@@ -173,6 +231,10 @@ class ShimConfig(Base):
     ejection: EjectionSection = msgspec.field(default_factory=EjectionSection)
     shadow: ShadowSection = msgspec.field(default_factory=ShadowSection)
     record: RecordSection = msgspec.field(default_factory=RecordSection)
+    deadlines: DeadlinesSection = msgspec.field(default_factory=DeadlinesSection)
+    dedup: DedupSection = msgspec.field(default_factory=DedupSection)
+    conversations: ConversationsSection = msgspec.field(default_factory=ConversationsSection)
+    merge: MergeSection = msgspec.field(default_factory=MergeSection)
     #: model_pref -> model name; empty means "read it from models_file".
     policy: dict[str, str] = msgspec.field(default_factory=dict)
     #: The backends' model config, whose [policy] table the shim shares.
@@ -213,6 +275,11 @@ def decode_config(raw: dict[str, object], *, source: str = "<config>",
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     validate(cfg, source)
+    shim_raw = raw.get("shim")
+    if isinstance(shim_raw, dict) and "default_timeout_ms" in shim_raw and \
+            "deadlines" not in raw:
+        # A config that sets one timeout for everything (as before [deadlines]) keeps it.
+        cfg.deadlines = DeadlinesSection(forms={}, names={})
     if base_dir is not None:
         _resolve_paths(cfg, base_dir)
     if not cfg.policy:
@@ -271,6 +338,9 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
         value = getattr(cfg.shim, field)
         if value:
             _check_endpoint(value, source, f"shim.{field}")
+    if cfg.shim.opaque_backend and cfg.shim.opaque_backend not in cfg.backends:
+        raise _fail(source, "shim.opaque_backend",
+                    f"unknown backend {cfg.shim.opaque_backend!r}")
     if cfg.shim.max_request_bytes <= 0:
         raise _fail(source, "shim.max_request_bytes", "must be positive")
     first = next(iter(cfg.backends))

@@ -64,6 +64,10 @@ class Metrics:
                                  ["backend"], registry=r)
         self.handovers = Counter("shim_model_handovers", "Models moved between backends",
                                  ["from_backend", "to_backend"], registry=r)
+        self.duplicate_joins = Counter("shim_duplicate_joins",
+                                       "Re-sent duplicates answered from the request in "
+                                       "flight, by how they were matched",
+                                       ["kind"], registry=r)
         self.vram_used = Gauge("shim_backend_vram_used_mb", "VRAM used per backend ledger",
                                ["backend"], registry=r)
         self.vram_budget = Gauge("shim_backend_vram_budget_mb", "VRAM budget per backend ledger",

@@ -73,6 +73,8 @@ class Pending:
     future: asyncio.Future[bytes]
     endpoint: Endpoint
     tick: int  # its deadline bucket
+    #: Set for ``request_frames``: the reply is every frame after the delimiter.
+    frames: asyncio.Future[list[bytes]] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -111,6 +113,17 @@ class Backend:
     trial_inflight: int = 0
     #: Told of each request's outcome (backend name, True when a reply came), when set.
     on_result: Callable[[str, bool], None] | None = None
+    #: time.monotonic() when the last endpoint went (or the pool started): a backend gone
+    #: for less than the reconnect grace counts as restarting (see ``restart_wait_s``).
+    down_since: float = field(default_factory=time.monotonic)
+
+    def restart_wait_s(self, grace_s: float) -> float:
+        """How long a request that only this backend can serve may wait for it to come
+        back: what is left of ``grace_s`` since it went (0 when connected, or gone for
+        longer: a retired backend is not waited for)."""
+        if self.connected:
+            return 0.0
+        return max(0.0, grace_s - (time.monotonic() - self.down_since))
 
     def record_failure(self) -> None:
         self.failures += 1
@@ -208,9 +221,27 @@ class BackendPool:
                            key=lambda e: e.outstanding, default=None)
         if endpoint is None:
             raise BackendUnavailable(f"backend {backend_name} is not connected")
+        return self._send(endpoint, backend_name, (payload,), timeout_s)
+
+    def request_frames(self, backend_name: str, frames: list[bytes],
+                       timeout_s: float) -> asyncio.Future[list[bytes]]:
+        """Like ``request`` for opaque traffic: any number of frames out, and the reply's
+        frames (every frame after the delimiter, however many) back, unchanged."""
+        backend = self.backends[backend_name]
+        endpoint = min((e for e in backend.endpoints if e.connected),
+                       key=lambda e: e.outstanding, default=None)
+        if endpoint is None:
+            raise BackendUnavailable(f"backend {backend_name} is not connected")
+        multi: asyncio.Future[list[bytes]] = self._loop.create_future()
+        self._send(endpoint, backend_name, tuple(frames), timeout_s, multi)
+        return multi
+
+    def _send(self, endpoint: Endpoint, backend_name: str, body: tuple[bytes, ...],
+              timeout_s: float, multi: asyncio.Future[list[bytes]] | None = None,
+              ) -> asyncio.Future[bytes]:
         corr = next(self._ids).to_bytes(8, "big")
         try:
-            send_frames(endpoint.sock, (corr, b"", payload))
+            send_frames(endpoint.sock, (corr, b"", *body))
         except zmq.ZMQError as exc:
             raise BackendUnavailable(f"backend {backend_name}: cannot send ({exc})") from None
         assert endpoint.reader is not None
@@ -224,7 +255,9 @@ class BackendPool:
             if tick < self._sweep_at:
                 self._arm(tick)
         bucket[corr] = None
-        self._pending[corr] = Pending(future, endpoint, tick)
+        self._pending[corr] = Pending(future, endpoint, tick, multi)
+        if multi is not None:  # errors reach the frames future; the bytes one is unused
+            future.add_done_callback(lambda f: _relay(f, multi))
         endpoint.outstanding += 1
         return future
 
@@ -251,7 +284,11 @@ class BackendPool:
         endpoint.backend.record_success()
         if pending.future.done():  # its caller gave up (cancelled)
             return
-        if len(frames) != 3 or frames[1]:
+        if pending.frames is not None and len(frames) >= 3 and not frames[1]:
+            if not pending.frames.done():
+                pending.frames.set_result(list(frames[2:]))
+            pending.future.set_result(b"")
+        elif len(frames) != 3 or frames[1]:
             pending.future.set_exception(BackendBadReply(
                 f"backend {endpoint.backend.name} sent {len(frames)} frames, expected 3"))
         else:
@@ -310,6 +347,7 @@ class BackendPool:
                 endpoint.backend.connected_endpoints -= 1
                 if not endpoint.backend.connected_endpoints:
                     endpoint.backend.connected_event.clear()
+                    endpoint.backend.down_since = time.monotonic()
             log.warning("backend %s disconnected at %s", endpoint.backend.name, endpoint.address)
             self._fail_endpoint(endpoint)
 
@@ -347,3 +385,13 @@ class BackendPool:
                 if endpoint.monitor is not None:
                     endpoint.monitor.close(0)
                 endpoint.sock.close(0)
+
+
+def _relay(source: asyncio.Future[bytes], target: asyncio.Future[list[bytes]]) -> None:
+    """A failed (or cancelled) opaque request fails its frames future the same way."""
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]

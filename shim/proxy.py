@@ -18,10 +18,15 @@ import msgspec
 import zmq
 
 from shim import dialects
+from shim.catalogue import load_catalogue
 from shim.config import ShimConfig
-from shim.dialects.ops import Form, Op, Result
+from shim.conversations import Conversations
+from shim.deadlines import Deadlines
+from shim.dedup import Joins, Reply
+from shim.dialects.ops import Form, Kind, Op, Result
+from shim.merged import label_devices, merge
 from shim.metrics import Metrics
-from shim.pool import BackendBadReply, BackendError, BackendPool
+from shim.pool import BackendBadReply, BackendError, BackendPool, BackendUnavailable
 from shim.routing import bucket_of, random_bucket
 from shim.runtime import Rule, Runtime, runtime_from_config
 from shim.sockets import BatchReader, Frames, bind_or_explain, send_frames
@@ -94,6 +99,16 @@ class Proxy:
         self._loop = loop
         self._max_bytes = cfg.shim.max_request_bytes
         self._forward_opaque = cfg.shim.opaque == "forward"
+        self._grace_s = cfg.shim.reconnect_grace_ms / 1000
+        self._deadlines = Deadlines(cfg.deadlines, cfg.shim.default_timeout_ms)
+        self._dedup = cfg.dedup.enabled
+        self._joins = Joins(cfg.dedup.bytes_window_ms / 1000, metrics.duplicate_joins)
+        #: Which backend served each conversation (bounded LRU + TTL).
+        self.conversations = Conversations(cfg.conversations)
+        self._catalogue = load_catalogue(cfg.models_file)
+        self._quantization = {m: e.quantization for m, e in self._catalogue.items()}
+        self._devices = {name: b.device for name, b in cfg.backends.items()}
+        self._dialects = {name: b.dialect for name, b in cfg.backends.items()}
         self._sticky_key = cfg.routing.sticky_key
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
@@ -103,6 +118,9 @@ class Proxy:
         self.frontend = ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A client that reconnects under the routing id of a closed peer (a REQ re-made
+        # with the same identity) takes the id over instead of being ignored.
+        self.frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.frontend.setsockopt(zmq.SNDHWM, 100_000)
         self.frontend.setsockopt(zmq.RCVHWM, 100_000)
         bind_or_explain(self.frontend, cfg.shim.listen, "listen")
@@ -123,30 +141,39 @@ class Proxy:
     # -- 1. frontend -----------------------------------------------------------------
 
     def _on_frames(self, frames: Frames) -> None:
-        """One multipart message from a client: ``[identity..., b"", payload]``."""
+        """One multipart message from a client: ``[identity..., b"", payload...]``."""
         self.counts["requests"] += 1
         try:
             split = frames.index(b"", 1)
         except ValueError:
             # A DEALER that sent no delimiter: answer it the way it can read.
-            self._bad_request([*frames[:1], b""], "envelope", "missing empty delimiter frame")
+            self._bad_request([*frames[:1], b""], None, "envelope",
+                              "missing empty delimiter frame")
             return
         envelope, body = frames[: split + 1], frames[split + 1 :]
-        if len(body) != 1:
-            self._bad_request(envelope, "frames", f"expected one payload frame, got {len(body)}")
-        elif len(body[0]) > self._max_bytes:
-            self._bad_request(envelope, "too_large",
-                              f"request of {len(body[0])} bytes exceeds {self._max_bytes}")
+        size = sum(map(len, body))
+        if not body:
+            self._bad_request(envelope, None, "frames", "request has no payload frame")
+        elif size > self._max_bytes:
+            self._bad_request(envelope, _sniff_form(body[0]), "too_large",
+                              f"request of {size} bytes exceeds the shim's limit of "
+                              f"{self._max_bytes} bytes (shim.max_request_bytes)")
         elif not self.accepting:
-            self._reply_error(envelope, None, "SHIM_SHUTTING_DOWN", "the shim is shutting down")
+            self._send(envelope, self._error_frames(
+                _peek(body), "SHIM_SHUTTING_DOWN", "the shim is shutting down"))
         else:
-            task = self._loop.create_task(self._handle(envelope, body[0]))
+            future: asyncio.Future[Reply] = self._loop.create_future()
+            joined = self._joins.by_bytes(tuple(body), future) if self._dedup else None
+            if joined is not None:  # a re-send of a request in flight: its reply is ours
+                joined.add_done_callback(lambda f: self._send(envelope, f.result()))
+                return
+            task = self._loop.create_task(self._handle(envelope, body, future))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _send(self, envelope: Frames, reply: bytes) -> None:
+    def _send(self, envelope: Frames, reply: Reply) -> None:
         try:
-            send_frames(self.frontend, [*envelope, reply])
+            send_frames(self.frontend, [*envelope, *reply])
             self.counts["replies"] += 1
         except zmq.ZMQError:
             # ROUTER_MANDATORY: the client has gone (or is not reading); count, move on.
@@ -154,60 +181,88 @@ class Proxy:
             self.metrics.unroutable.inc()
         self._reader.kick()
 
-    def _bad_request(self, envelope: Frames, reason: str, message: str) -> None:
+    def _bad_request(self, envelope: Frames, form: Form | None, reason: str,
+                     message: str) -> None:
         self.metrics.bad_requests.labels(reason).inc()
-        self._reply_error(envelope, None, "SHIM_BAD_REQUEST", message)
+        reply = dialects.error_reply(form or Form.ACTION, "SHIM_BAD_REQUEST", message)
+        self._send(envelope, [_encode(reply)])
 
-    def _reply_error(self, envelope: Frames, msg: object, code: str, message: str) -> None:
+    def _error_frames(self, msg: object, code: str, message: str) -> Reply:
+        """The shim's error reply in the caller's form (action, command, model access,
+        MMS); a request that is not a JSON object gets the action form."""
         form = dialects.form_of(msg)
-        self._send(envelope, _encode(dialects.error_reply(form, code, message, _as_dict(msg))))
+        return [_encode(dialects.error_reply(form, code, message, _as_dict(msg)))]
 
     # -- 2..5. one request -----------------------------------------------------------
 
-    async def _handle(self, envelope: Frames, payload: bytes) -> None:
+    async def _handle(self, envelope: Frames, body: Frames,
+                      future: asyncio.Future[Reply]) -> None:
+        """Serve one request; its reply also answers every duplicate that joined it."""
         started = time.perf_counter()
         rt = self.runtime  # read once: a concurrent change applies to the next request
         msg: object = None
+        op: Op | None = None
         backend, action, outcome = "none", "unknown", "ok"
+        reply: Reply = []
         try:
-            try:
-                msg = _decode(payload)
-            except _BAD_JSON:
-                if not self._forward_opaque:
-                    self.metrics.bad_requests.labels("not_json").inc()
-                    raise ShimReply("SHIM_BAD_REQUEST", "request is not valid JSON") from None
-                backend, reply = await self._forward_opaque_bytes(rt, payload, started)
-                self._send(envelope, reply)
-                return
+            msg = _decode(body[0]) if len(body) == 1 else None
+        except _BAD_JSON:
+            msg = None
+        try:
             if not isinstance(msg, dict):
-                self.metrics.bad_requests.labels("not_object").inc()
-                raise ShimReply("SHIM_BAD_REQUEST", "request must be a JSON object")
+                action = "opaque"
+                backend, reply = await self._opaque(rt, body, msg, started)
+                return
             try:
                 op = dialects.parse_request(msg, self.policy)
             except dialects.BadRequest as exc:
                 self.metrics.bad_requests.labels("unparsable").inc()
                 raise ShimReply("SHIM_BAD_REQUEST", str(exc)) from None
             action = op.kind.value
-            rule = rt.rules[action]
-            deadline = started + rule.timeout_ms / 1000
-            rt = await self._admit(op, rt, deadline)
-            candidates = self._route(rt, op, msg, rule)
-            backend, reply = await self._forward(op, payload, candidates, rule, deadline)
-            self._send(envelope, reply)
-            self._after_reply(op, backend, payload, reply, rt)  # never raises
+            if self._dedup and op.request_id is not None:
+                joined = self._joins.by_request_id(op.request_id, future)
+                if joined is not None:  # same request_id in flight: one execution
+                    backend, reply, op = "joined", list(await asyncio.shield(joined)), None
+                    return
+            backend, reply = await self._serve(rt, op, msg, body[0], started)
         except ShimReply as exc:
-            outcome = exc.code
-            self._reply_error(envelope, msg, exc.code, exc.message)
+            outcome, op = exc.code, None
+            reply = self._error_frames(msg, exc.code, exc.message)
         except asyncio.CancelledError:
-            outcome = "SHIM_SHUTTING_DOWN"
-            self._reply_error(envelope, msg, outcome, "the shim shut down before a reply came")
+            outcome, op = "SHIM_SHUTTING_DOWN", None
+            reply = self._error_frames(msg, outcome, "the shim shut down before a reply came")
             raise
         except Exception as exc:  # a bug must cost one error reply, never the shim
             log.exception("internal error handling a request")
-            outcome = "SHIM_INTERNAL"
-            self._reply_error(envelope, msg, outcome, f"internal error: {exc}")
+            outcome, op = "SHIM_INTERNAL", None
+            reply = self._error_frames(msg, outcome, f"internal error: {exc}")
         finally:
+            if not future.done():
+                future.set_result(reply)
             self.metrics.record_request(backend, action, outcome, time.perf_counter() - started)
+            self._send(envelope, reply)
+            if op is not None and backend in self.pool.backends:
+                self._after_reply(op, backend, body[0], reply[0], rt)  # never raises
+
+    async def _serve(self, rt: Runtime, op: Op, msg: dict[str, Any], payload: bytes,
+                     started: float) -> tuple[str, Reply]:
+        """A decoded request: answered locally, from every backend (merged), or routed."""
+        local = self.conversations.local_clear(op, self._dialects)
+        if local is not None:
+            return "shim", [_encode(local)]
+        action = op.kind.value
+        rule = rt.rules[action]
+        deadline = started + self._deadlines.ms(rt, op.form.value, op.name, action) / 1000
+        if self._merge_wanted(rt, op, rule):
+            merged = await self._merged(op, deadline)
+            if merged is not None:
+                return "merged", [merged]
+        rt = await self._admit(op, rt, deadline)
+        candidates = self._route(rt, op, msg, rule)
+        backend, reply = await self._forward(op, payload, candidates, rule, deadline)
+        if op.kind is Kind.GENERATE and op.conversation_id is not None:
+            self.conversations.served(op.conversation_id, backend)
+        return backend, [reply]
 
     def _after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
                      rt: Runtime) -> None:
@@ -235,6 +290,35 @@ class Proxy:
             rt = self.runtime
         raise ShimReply("SHIM_TIMEOUT", "the model kept moving; try again")
 
+    # -- the merged view of what is loaded --------------------------------------------
+
+    def _merge_wanted(self, rt: Runtime, op: Op, rule: Rule) -> bool:
+        if op.dialect != "mma" or op.kind not in _MERGED_KINDS or rule.pin:
+            return False
+        mode = self.cfg.merge.loaded
+        if mode == "never":
+            return False
+        # "split": two backends serve traffic (in shadow mode one answers, the other is
+        # compared against it, so the answer stays the primary's own).
+        return mode == "always" or (rt.mode == "split" and
+                                    sum(1 for w in rt.weights.values() if w > 0) > 1)
+
+    async def _merged(self, op: Op, deadline: float) -> bytes | None:
+        """status / GET_LOADED_MODELS_STATUS / HEALTH_CHECK from every connected backend,
+        merged (shim.merged); None when no backend answered (the caller routes as usual)."""
+        names = [n for n, b in self.pool.backends.items() if b.connected]
+        timeout = deadline - time.perf_counter()
+        if not names or timeout <= 0:
+            return None
+        answers = await asyncio.gather(*(self.call(n, op.raw, timeout) for n in names),
+                                       return_exceptions=True)
+        results = {n: a for n, a in zip(names, answers, strict=True)
+                   if isinstance(a, Result) and a.ok}
+        if not results:
+            return None
+        merged = merge(op, results, self._devices, self._quantization)
+        return _encode(dialects.render_reply(op, merged))
+
     def _route(self, rt: Runtime, op: Op, msg: dict[str, Any], rule: Rule) -> list[str]:
         """Backends to try, in order: pin, else weights (sticky), then failover."""
         backends = self.pool.backends
@@ -246,12 +330,34 @@ class Proxy:
         candidates = [primary, *(n for n in rt.table.names if n != primary)]
         if op.dialect != "mma":  # clients already on the new dialect go to it unchanged
             candidates.sort(key=lambda n: backends[n].dialect != op.dialect)
+        if rule.translate:
+            # A backend whose dialect has no equivalent of the operation is never chosen,
+            # whatever the weights (an MMS-dialect request at 100/0 goes to MMS).
+            capable = [n for n in candidates if self._can_serve(op, n)]
+            if not capable:
+                raise ShimReply("SHIM_UNSUPPORTED",
+                                f"no backend can serve {op.name or op.kind.value!r}")
+            candidates = capable
+        candidates = self.conversations.route(op, candidates)
+        chosen = candidates
         for addon in self.addons:
             candidates = addon.route(op, candidates, rt)
+        if rule.translate:  # an addon may narrow the list, never to an incapable backend
+            candidates = [c for c in candidates if c in chosen] or chosen
         if rule.failover and not all(backends[n].healthy for n in candidates):
             # healthy backends first, the others only as a last resort
             candidates.sort(key=lambda n: not backends[n].healthy)
         return candidates
+
+    def _can_serve(self, op: Op, name: str) -> bool:
+        dialect = self.pool.backends[name].dialect
+        if dialect == op.dialect:
+            return True
+        try:
+            dialects.render_request(op, dialect, self.policy)
+        except dialects.Unsupported:
+            return False
+        return True
 
     async def _forward(self, op: Op, payload: bytes, candidates: list[str], rule: Rule,
                        deadline: float) -> tuple[str, bytes]:
@@ -265,9 +371,14 @@ class Proxy:
             backend = self.pool.backends[name]
             translate = rule.translate and op.dialect != backend.dialect
             if translate:
+                sent = op
+                if op.conversation_id is not None and backend.dialect == "mms":
+                    renamed = self.conversations.backend_id(op.conversation_id)
+                    if renamed != op.conversation_id:  # cleared by the shim: a fresh start
+                        sent = msgspec.structs.replace(op, conversation_id=renamed)
                 try:
                     requests = [_encode(r) for r in
-                                dialects.render_request(op, backend.dialect, self.policy)]
+                                dialects.render_request(sent, backend.dialect, self.policy)]
                 except dialects.Unsupported as exc:
                     last = ShimReply("SHIM_UNSUPPORTED", f"{name} cannot serve this: {exc}")
                     continue
@@ -281,8 +392,12 @@ class Proxy:
                         await _bounded(waiting, deadline)
                 last_chance = not (rule.failover and i + 1 < len(candidates))
                 if last_chance and not backend.connected:
-                    # Nothing else to try: a restarting backend has until the deadline.
-                    await self.pool.wait_connected(name, deadline - time.perf_counter())
+                    # Nothing else to try: a backend known to be restarting has until the
+                    # deadline; one that is gone (retired, stopped) is answered for at once.
+                    await self.pool.wait_connected(name, min(
+                        deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
+                    if not backend.connected:
+                        raise BackendUnavailable(f"backend {name} is not connected")
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     raise ShimReply("SHIM_TIMEOUT", "deadline passed before a backend was free")
@@ -292,7 +407,7 @@ class Proxy:
                 else:
                     replies = await asyncio.gather(
                         *[self.pool.request(name, r, timeout) for r in requests])
-                reply = (self._translate_reply(op, backend.dialect, replies) if translate
+                reply = (self._translate_reply(op, name, replies) if translate
                          else _json_object(replies[0], name))
                 return name, reply
             except BackendError as exc:
@@ -306,11 +421,15 @@ class Proxy:
                     addon.after_send(op, name, reply)
         raise last or ShimReply("SHIM_NO_BACKEND", "no backend is available")
 
-    def _translate_reply(self, op: Op, dialect: str, replies: list[bytes]) -> bytes:
-        """The backend's replies, read in its dialect and rendered in the caller's.
+    def _translate_reply(self, op: Op, name: str, replies: list[bytes]) -> bytes:
+        """Backend ``name``'s replies, read in its dialect and rendered in the caller's.
 
+        The caller sees its own conversation id (not a renamed one), the backend's
+        configured ``device`` label where it reports none, and, for model access served
+        by MMS, the model's path and quantization from the model config.
         An unusable reply raises BackendBadReply, so that the request can fail over.
         """
+        dialect = self.pool.backends[name].dialect
         decoded: list[Any] = []
         for raw in replies:
             try:
@@ -320,6 +439,23 @@ class Proxy:
         result = dialects.parse_reply(op, dialect, decoded)
         if not result.ok and result.error_code == BackendBadReply.code:
             raise BackendBadReply(result.message or "unusable backend reply")
+        if result.conversation_id is not None and op.conversation_id is not None:
+            result.conversation_id = op.conversation_id
+        label_devices(result, self._devices.get(name, ""), self._quantization)
+        info = result.access_info
+        if info is not None and dialect == "mms":
+            entry = self._catalogue.get(op.model_id or "")
+            context = op.raw.get("context")
+            given = context if isinstance(context, dict) else {}
+            if entry is not None and not info.model_path_from_config:
+                info.model_path_from_config = entry.path
+            quantization, priority = given.get("quantization_level"), given.get("priority")
+            if isinstance(quantization, str | int) and not isinstance(quantization, bool):
+                info.quantization_level = quantization  # echoed as sent, as MMA does
+            elif entry is not None:
+                info.quantization_level = entry.quantization
+            if isinstance(priority, str | int) and not isinstance(priority, bool):
+                info.priority = priority
         return _encode(dialects.render_reply(op, result))
 
     async def call(self, backend: str, msg: dict[str, Any], timeout_s: float) -> Result:
@@ -338,15 +474,42 @@ class Proxy:
                 replies.append({"error": "reply is not valid JSON"})
         return dialects.parse_reply(op, dialect, replies)
 
-    async def _forward_opaque_bytes(self, rt: Runtime, payload: bytes,
-                                    started: float) -> tuple[str, bytes]:
-        """``opaque = "forward"``: undecodable bytes go to the weighted primary as they are."""
-        name = rt.table.backend_for(random_bucket())
-        timeout = self.cfg.shim.default_timeout_ms / 1000 - (time.perf_counter() - started)
+    async def _opaque(self, rt: Runtime, body: Frames, msg: object,
+                      started: float) -> tuple[str, Reply]:
+        """A request that is not one JSON object (non-JSON, non-object JSON, several
+        frames): with ``opaque = "forward"`` its frames go as they are to the legacy-dialect
+        backend and its reply frames come back unchanged, whatever they hold (a generic
+        ZeroMQ endpoint, protocol.md); with ``"reject"`` it is refused."""
+        if not self._forward_opaque:
+            reason, what = (("frames", f"expected one payload frame, got {len(body)}")
+                            if len(body) != 1 else
+                            ("not_object", "request must be a JSON object")
+                            if msg is not None or body[0].strip() == b"null" else
+                            ("not_json", "request is not valid JSON"))
+            self.metrics.bad_requests.labels(reason).inc()
+            raise ShimReply("SHIM_BAD_REQUEST", what)
+        name = self._opaque_backend(rt)
+        backend = self.pool.backends[name]
+        deadline = started + self._deadlines.ms(rt, "opaque", None, None) / 1000
         try:
-            return name, _json_object(await self.pool.request(name, payload, timeout), name)
+            if not backend.connected:
+                await self.pool.wait_connected(name, min(
+                    deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
+            timeout = min(deadline - time.perf_counter(), backend.config.timeout_ms / 1000)
+            return name, await self.pool.request_frames(name, list(body), timeout)
         except BackendError as exc:
             raise ShimReply(exc.code, str(exc)) from None
+
+    def _opaque_backend(self, rt: Runtime) -> str:
+        """``shim.opaque_backend``, else the weighted primary if it speaks MMA, else the
+        first MMA-dialect backend, else the weighted primary."""
+        named = self.cfg.shim.opaque_backend
+        if named:
+            return named
+        primary = rt.table.backend_for(random_bucket())
+        if self._dialects.get(primary) == "mma":
+            return primary
+        return next((n for n, d in self._dialects.items() if d == "mma"), primary)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -373,6 +536,31 @@ class Proxy:
         self._reader.stop()
         self.pool.close()
         self.frontend.close(0)
+
+
+_MERGED_KINDS = frozenset({Kind.STATUS, Kind.LOADED_STATUS, Kind.HEALTH})
+
+
+def _peek(body: Frames) -> object:
+    """The request decoded when it is one JSON frame (for the shape of an error), else
+    None."""
+    if len(body) != 1:
+        return None
+    try:
+        return _decode(body[0])
+    except _BAD_JSON:
+        return None
+
+
+def _sniff_form(payload: bytes) -> Form:
+    """The form of a request too large to decode, guessed from its keys."""
+    if b'"action"' in payload:
+        return Form.ACTION
+    if b'"command"' in payload:
+        return Form.COMMAND
+    if b'"model_id"' in payload:
+        return Form.MODEL_ACCESS
+    return Form.ACTION
 
 
 def _as_dict(msg: object) -> dict[str, Any] | None:

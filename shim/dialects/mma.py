@@ -19,7 +19,6 @@ import msgspec
 from shim.dialects.ops import (
     NO_PARAMS,
     AccessInfo,
-    BadRequest,
     Form,
     Kind,
     Malformed,
@@ -35,8 +34,8 @@ from shim.dialects.ops import (
     get_num,
     get_str,
     get_timestamp,
-    req_dict,
-    req_str,
+    loose_dict,
+    loose_str,
     request_id_of,
 )
 
@@ -79,54 +78,69 @@ def resolve_pref(pref: str, policy: Mapping[str, str]) -> str | None:
 
 
 def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
-    """Parse an MMA request (``action`` first, then ``command``, else model access)."""
+    """Parse an MMA request (``action`` first, then ``command``, else model access).
+
+    Lenient, as the legacy endpoint was (protocol.md, "Field types are loose"): only what
+    routing and translation need is read, with loose types (an int ``conversation_id``,
+    a null ``model_pref``, an int ``quantization_level``, a string ``context``); the
+    request itself goes to an MMA backend untouched. Never raises BadRequest.
+    """
     if "action" in msg:
-        name = msg["action"]
-        if not isinstance(name, str):
-            raise BadRequest(f"'action' must be a string, got {type(name).__name__}")
+        name = loose_str(msg, "action") or repr(msg["action"])
         kind = _ACTIONS.get(name, Kind.OTHER)
         op = Op(kind=kind, form=Form.ACTION, dialect="mma", raw=msg, policy=policy, name=name,
                 request_id=request_id_of(msg))
         if kind is Kind.GENERATE:
-            pref = msg.get("model_pref", "fast")
-            if not isinstance(pref, str):
-                raise BadRequest(f"'model_pref' must be a string, got {type(pref).__name__}")
+            pref = loose_str(msg, "model_pref") or "fast"  # null or missing: fast, as MMA
             op.model_pref = pref
             op.model_id = resolve_pref(pref, policy)
-            op.prompt = req_str(msg, "prompt")
+            op.prompt = loose_str(msg, "prompt")
             op.params = _params(msg)
-            op.conversation_id = req_str(msg, "conversation_id")
+            op.conversation_id = loose_str(msg, "conversation_id") or None
         elif kind is Kind.CLEAR_CONVERSATION:
-            op.conversation_id = req_str(msg, "conversation_id")
+            op.conversation_id = loose_str(msg, "conversation_id") or None
         return op
     if "command" in msg:
-        name = msg["command"]
-        if not isinstance(name, str):
-            raise BadRequest(f"'command' must be a string, got {type(name).__name__}")
+        name = loose_str(msg, "command") or repr(msg["command"])
         kind = _COMMANDS.get(name, Kind.OTHER)
         op = Op(kind=kind, form=Form.COMMAND, dialect="mma", raw=msg, policy=policy, name=name,
                 request_id=request_id_of(msg))
         if kind is Kind.LOAD or kind is Kind.UNLOAD:
             # Agents send model_name; some send model_id instead.
-            op.model_id = req_str(msg, "model_name") or req_str(msg, "model_id")
-            op.quantization = req_str(msg, "quantization_level")
+            op.model_id = loose_str(msg, "model_name") or loose_str(msg, "model_id")
+            op.quantization = loose_str(msg, "quantization_level")
+        elif kind is Kind.OTHER:
+            op.model_id = loose_str(msg, "model_id") or loose_str(msg, "model_name")
         return op
-    context = req_dict(msg, "context") or {}
+    context = loose_dict(msg, "context")
     return Op(kind=Kind.MODEL_ACCESS, form=Form.MODEL_ACCESS, dialect="mma", raw=msg,
               policy=policy, request_id=request_id_of(msg),
-              model_id=req_str(msg, "model_id") or None,  # "" is as missing, as in MMA
-              quantization=req_str(context, "quantization_level"),
-              priority=req_str(context, "priority"))
+              model_id=loose_str(msg, "model_id") or None,  # "" is as missing, as in MMA
+              quantization=loose_str(context, "quantization_level"),
+              priority=loose_str(context, "priority"))
 
 
 def _params(msg: Mapping[str, Any]) -> Params:
-    raw = req_dict(msg, "params")
-    if not raw:
+    """Generation parameters for translation; ``params`` keys the shim does not know, or
+    of a type it cannot read, are left out (they still reach an MMA backend untouched).
+    A top-level ``max_tokens`` counts when ``params`` has none."""
+    raw = loose_dict(msg, "params")
+    fields = {k: v for k, v in raw.items() if k in Params.__struct_fields__}
+    if "max_tokens" not in fields and "max_tokens" in msg:
+        fields["max_tokens"] = msg["max_tokens"]
+    if not fields:
         return NO_PARAMS
     try:
-        return msgspec.convert(raw, Params)
-    except (msgspec.ValidationError, TypeError, ValueError) as exc:
-        raise BadRequest(f"params: {exc}") from None
+        return msgspec.convert(fields, Params, strict=False)
+    except (msgspec.ValidationError, TypeError, ValueError):
+        good = {}
+        for key, value in fields.items():
+            try:
+                msgspec.convert({key: value}, Params, strict=False)
+            except (msgspec.ValidationError, TypeError, ValueError):
+                continue
+            good[key] = value
+        return msgspec.convert(good, Params, strict=False)
 
 
 _NEEDS_MODEL = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD})

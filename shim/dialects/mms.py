@@ -18,7 +18,6 @@ import msgspec
 
 from shim.dialects.ops import (
     AccessInfo,
-    BadRequest,
     Form,
     Kind,
     Malformed,
@@ -34,7 +33,7 @@ from shim.dialects.ops import (
     get_num,
     get_str,
     get_timestamp,
-    req_str,
+    loose_str,
     request_id_of,
 )
 
@@ -71,20 +70,25 @@ _AUXILIARY = frozenset({(Kind.MODEL_ACCESS, "list_models")})
 
 
 def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
-    """Parse an MMS request; actions without a canonical equivalent become OTHER."""
+    """Parse an MMS request; actions without a canonical equivalent become OTHER.
+
+    Lenient like the MMA parser (loose types; ``model_name`` accepted for ``model_id``, as
+    migration tooling sends it); never raises BadRequest.
+    """
     name = msg["action"]
     kind = _KINDS.get(name, Kind.OTHER)
     op = Op(kind=kind, form=Form.MMS, dialect="mms", raw=msg, policy=policy, name=name,
             request_id=request_id_of(msg))
     if kind is Kind.GENERATE:
-        op.prompt = req_str(msg, "prompt")
-        op.conversation_id = req_str(msg, "conversation_id")
+        op.prompt = loose_str(msg, "prompt")
+        op.conversation_id = loose_str(msg, "conversation_id") or None
         try:  # the generation parameters are top-level fields in MMS
-            op.params = msgspec.convert(msg, Params)
-        except (msgspec.ValidationError, TypeError, ValueError) as exc:
-            raise BadRequest(str(exc)) from None
-    if kind in (Kind.GENERATE, Kind.LOAD, Kind.UNLOAD):
-        op.model_id = req_str(msg, "model_id") or None
+            op.params = msgspec.convert(
+                {k: v for k, v in msg.items() if k in Params.__struct_fields__}, Params,
+                strict=False)
+        except (msgspec.ValidationError, TypeError, ValueError):
+            op.params = Params()
+    op.model_id = loose_str(msg, "model_id") or loose_str(msg, "model_name") or None
     return op
 
 

@@ -101,8 +101,9 @@ class AccessInfo(msgspec.Struct, kw_only=True):
     message: str | None = None
     model_path_from_config: str | None = None
     vram_allocated_mb: int | float | None = None
-    quantization_level: str | None = None
-    priority: str | None = None
+    #: As the caller or backend sent them: the legacy endpoint echoed ints too.
+    quantization_level: str | int | None = None
+    priority: str | int | None = None
 
 
 class Result(msgspec.Struct, kw_only=True):
@@ -181,6 +182,25 @@ def req_str(msg: Mapping[str, Any], key: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise BadRequest(f"'{key}' must be a string, got {_type_name(value)}")
+
+
+def loose_str(msg: Mapping[str, Any], key: str) -> str | None:
+    """``msg[key]`` read as loosely as the legacy endpoint did (protocol.md, "Field types
+    are loose"): a string as it is, a number as its text (``123`` -> ``"123"``), anything
+    else as absent. Never raises: only what routing needs is decoded, the request itself
+    goes on untouched."""
+    value = msg.get(key)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def loose_dict(msg: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``msg[key]`` when it is an object, else ``{}`` (a string ``context`` is accepted)."""
+    value = msg.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def req_dict(msg: Mapping[str, Any], key: str) -> dict[str, Any] | None:

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         env={**os.environ, "MMSHIM_TOKEN": token}, cwd=ROOT)
     shim = raw["shim"]
     endpoint = connectable(shim.get("listen", "tcp://*:5570"))
-    admin = AdminClient(connectable(shim.get("admin", "tcp://127.0.0.1:5590")), token, 10.0)
+    admin = AdminClient(connectable(shim.get("admin", "tcp://127.0.0.1:9571")), token, 10.0)
     traffic = Traffic(endpoint, args.rate, args.limit_s)
     code = 1
     try:

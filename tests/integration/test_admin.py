@@ -31,6 +31,11 @@ from tests.shimproc import ROOT, Fake, ShimProc, dealer, shim_config, start_fake
 
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "hello", "params": {"max_tokens": 4}}
 GEN_BYTES = json.dumps(GEN).encode()
+
+
+def gen_bytes(seq: int) -> bytes:
+    """A distinct generate request (identical bytes in flight join into one execution)."""
+    return json.dumps({**GEN, "seq": seq}).encode()
 CLEAN_ENV = {k: v for k, v in os.environ.items()
              if k not in ("MMSHIM_TOKEN", "MMSHIM_ADMIN", "MMSHIM_CONFIG")}
 
@@ -96,7 +101,7 @@ def served(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, n: int,
     try:
         while got < n:
             while sent < n and sent - got < window:
-                sock.send_multipart([b"", GEN_BYTES])
+                sock.send_multipart([b"", gen_bytes(sent)])
                 sent += 1
             assert sock.poll(10_000), f"no reply for 10 s ({got}/{n} answered)"
             reply = json.loads(sock.recv_multipart()[-1])
@@ -163,7 +168,7 @@ def dealer_load(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, stop: thread
     try:
         while not stop.is_set() or outstanding:
             while not stop.is_set() and outstanding < window:
-                sock.send_multipart([b"", GEN_BYTES])
+                sock.send_multipart([b"", gen_bytes(load.sent)])
                 load.sent += 1
                 outstanding += 1
             if not sock.poll(10_000):
@@ -281,8 +286,8 @@ def test_drain_waits_for_requests_in_flight(
         client = admin(shim, tmp_path)
         wait_healthy(client)
         sock = dealer(ctx, shim.endpoint)
-        for _ in range(10):
-            sock.send_multipart([b"", GEN_BYTES])
+        for i in range(10):
+            sock.send_multipart([b"", gen_bytes(i)])
         deadline = time.monotonic() + 10
         while client.call("status")["backends"]["mma"]["inflight"] < 10:
             assert time.monotonic() < deadline, "requests never reached mma"

@@ -130,7 +130,8 @@ def test_shadow_replies_never_reach_clients(stack: dict[str, Any]) -> None:
     before = received(shadow)
     mix = [GEN_FAST, STATUS, {"command": "HEALTH_CHECK"}, {"command": "GET_LOADED_MODELS_STATUS"},
            {**GEN_FAST, "conversation_id": "c-1"}]
-    payloads = [json.dumps(mix[i % len(mix)]).encode() for i in range(1000)]
+    # Distinct bytes: identical requests in flight would join into one execution.
+    payloads = [json.dumps({**mix[i % len(mix)], "seq": i}).encode() for i in range(1000)]
     replies = pipeline(shim.endpoint, payloads)
     assert len(replies) == 1000
     leaked = [r for r in replies if SECRET in json.dumps(r)]

@@ -36,6 +36,12 @@ from tests.shimproc import Fake, ShimProc, start_shim
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "hello", "params": {"max_tokens": 4}}
 GEN_BYTES = json.dumps(GEN).encode()
 
+
+def distinct_gen(client: int, seq: int) -> bytes:
+    """A generate request no other client sends: identical bytes in flight would join
+    into one backend execution (shim.dedup), as Lazy Pirate re-sends should."""
+    return json.dumps({**GEN, "client": client, "seq": seq}).encode()
+
 Ctx = zmq.Context[zmq.Socket[bytes]]
 
 
@@ -306,7 +312,7 @@ class Load:
     """
 
     def __init__(self, ctx: Ctx, endpoint: str, *, clients: int, deadline_s: float,
-                 payload: bytes | Callable[[int, int], bytes] = GEN_BYTES,
+                 payload: bytes | Callable[[int, int], bytes] = distinct_gen,
                  kind: str = "mix", max_requests: int = 10_000, per_client: int | None = None,
                  duration_s: float = 10.0, pace_s: float = 0.0, grace_s: float = 0.5,
                  hard_limit_s: float = 60.0) -> None:

@@ -16,12 +16,12 @@ import pytest
 from tests.procs import req
 from tests.reliability.helpers import (
     GEN,
-    GEN_BYTES,
     Ctx,
     Load,
     assert_clean_exit,
     assert_counters_add_up,
     assert_serving,
+    distinct_gen,
     fake_counts,
     metric,
     served_by,
@@ -195,7 +195,8 @@ def test_backend_answering_garbage(mode, bad_dialect, tmp_path, ctx: Ctx) -> Non
     health = json.dumps({"command": "HEALTH_CHECK"}).encode()
     try:
         result = Load(ctx, shim.endpoint, clients=10, per_client=4, deadline_s=1.5 + 1.0,
-                      payload=lambda client, seq: GEN_BYTES if seq % 2 else health).run()
+                      payload=lambda client, seq: distinct_gen(client, seq) if seq % 2
+                      else health).run()
         print(f"\n[{mode}/{bad_dialect}] {result.summary()}")
         # The invariants.
         result.check()

@@ -93,20 +93,24 @@ def test_client_disconnects_mid_request(backend, tmp_path, ctx: Ctx) -> None:
     """
     if backend == "slow":
         fakes = {"mma": start_fake("mma", "mma", delay_ms=700)}
-        cfg = shim_config(fakes, tmp_path, shim={"default_timeout_ms": 2000})
+        cfg = shim_config(fakes, tmp_path, shim={"default_timeout_ms": 2000,
+                                                 "opaque": "reject"})
         expect, deadline = "ok", 2.0 + 1.0
     else:
         fakes = {"mma": start_fake("mma", "mma", mode="stall")}
-        cfg = shim_config(fakes, tmp_path, actions={"generate": {"timeout_ms": 700}})
+        cfg = shim_config(fakes, tmp_path, actions={"generate": {"timeout_ms": 700}},
+                          shim={"opaque": "reject"})
         expect, deadline = "SHIM_TIMEOUT", 0.7 + 1.0
     shim = start_ready(cfg, tmp_path)
-    payload = json.dumps(GEN).encode()
+    # One request per client (identical bytes in flight would join); a retry re-sends
+    # its client's bytes, as a Lazy Pirate client does, and joins the request in flight.
+    payloads = {f"c{i}".encode(): json.dumps({**GEN, "client": i}).encode() for i in range(40)}
     socks: dict[bytes, zmq.Socket[bytes]] = {}
     try:
         for i in range(40):
             tag = f"c{i}".encode()
             socks[tag] = _open(ctx, zmq.REQ if i % 2 else zmq.DEALER, shim.endpoint)
-            _send(socks[tag], tag, payload)
+            _send(socks[tag], tag, payloads[tag])
         sent = 40
         # Every request is in flight: the backend has it, the shim waits for its reply.
         wait_until(lambda: fake_counts(fakes["mma"]).get("generate:fast", 0) == 40, 5.0,
@@ -119,7 +123,7 @@ def test_client_disconnects_mid_request(backend, tmp_path, ctx: Ctx) -> None:
             retry = tag + b"-retry"
             socks[retry] = _open(ctx, zmq.DEALER if int(tag[1:]) % 2 == 0 else zmq.REQ,
                                  shim.endpoint)
-            _send(socks[retry], retry, payload)
+            _send(socks[retry], retry, payloads[tag])
             sent += 1
 
         replies: dict[bytes, list[dict | None]] = {tag: [] for tag in socks}
@@ -182,7 +186,6 @@ def test_many_clients_vanish_under_load(tmp_path, ctx: Ctx) -> None:
     cfg = shim_config(fakes, tmp_path, routing={"weights": {"mma": 50, "mms": 50}},
                       shim={"default_timeout_ms": 1500})
     shim = start_ready(cfg, tmp_path)
-    payload = json.dumps(GEN).encode()
     try:
         load = Load(ctx, shim.endpoint, clients=24, deadline_s=1.5 + 1.0, duration_s=2.5,
                     max_requests=3000).start()
@@ -191,7 +194,8 @@ def test_many_clients_vanish_under_load(tmp_path, ctx: Ctx) -> None:
         while time.monotonic() < end and vanished < 300:
             for kind in (zmq.REQ, zmq.DEALER):
                 sock = _open(ctx, kind, shim.endpoint)
-                _send(sock, b"gone", payload)
+                _send(sock, b"gone", json.dumps({**GEN, "vanished": vanished,
+                                                 "kind": kind}).encode())
                 # Long enough for the request to leave (usually), far too short for the
                 # 200 ms backend to answer.
                 time.sleep(0.01)

@@ -113,7 +113,7 @@ def _fuzz_shim(tmp_path: Path, backends: dict[str, Fake | Backend],
                **sections: Any) -> Iterator[FuzzShim]:
     try:
         cfg = shim_config(backends, tmp_path, routing={"weights": {"mma": 50, "mms": 50}},
-                          shim={"default_timeout_ms": 1500,
+                          shim={"default_timeout_ms": 1500, "opaque": "reject",
                                 "max_request_bytes": MAX_REQUEST_BYTES}, **sections)
         shim = start_ready(cfg, tmp_path)
     except BaseException:

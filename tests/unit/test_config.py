@@ -23,7 +23,7 @@ def test_default_config_loads_with_policy_from_models_toml() -> None:
     cfg = load_config(ROOT / "config/shim.toml")
     assert cfg.shim.listen == "tcp://*:5570"
     assert cfg.shim.health == "tcp://*:6570"
-    assert cfg.backends["mma"].endpoints == ["tcp://127.0.0.1:5580"]
+    assert cfg.backends["mma"].endpoints == ["tcp://127.0.0.1:7224"]  # 5580 is taken
     assert cfg.backends["mms"].health == "tcp://127.0.0.1:8211"
     assert cfg.policy["fast"]  # read from config/models.toml
 

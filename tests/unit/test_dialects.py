@@ -190,10 +190,26 @@ def test_parse_request_fields() -> None:
     {"action": "generate_text", "model_id": "m", "prompt": "x", "max_tokens": 2.5},
     {"action": "load_model", "model_id": {"id": 1}},
 ])
-def test_bad_requests(msg: dict[str, Any]) -> None:
-    with pytest.raises(BadRequest) as info:
-        parse_request(msg, POLICY)
-    assert str(info.value)
+def test_loose_requests_parse_and_stay_untouched(msg: dict[str, Any]) -> None:
+    """protocol.md, "Field types are loose": the legacy endpoint accepted these, so the
+    shim reads only what routing needs and passes the request on as it came."""
+    before = copy.deepcopy(msg)
+    op = parse_request(msg, POLICY)
+    assert op.raw is msg and msg == before
+
+
+def test_loose_fields_read_as_the_legacy_endpoint_did() -> None:
+    op = parse_request({"action": "generate", "prompt": "hi", "conversation_id": 123}, POLICY)
+    assert op.conversation_id == "123" and op.model_id == POLICY["fast"]
+    op = parse_request({"action": "generate", "model_pref": None, "prompt": "hi"}, POLICY)
+    assert op.model_pref == "fast" and op.model_id == POLICY["fast"]
+    op = parse_request({"action": "generate", "prompt": "hi", "max_tokens": 7}, POLICY)
+    assert op.params.max_tokens == 7  # a top-level max_tokens, no params
+    op = parse_request({"model_id": "m", "context": {"quantization_level": 8,
+                                                     "priority": 5}}, POLICY)
+    assert (op.quantization, op.priority) == ("8", "5")
+    op = parse_request({"action": "load_model", "model_name": "phi-2"}, POLICY)
+    assert op.kind is Kind.LOAD and op.model_id == "phi-2"
 
 
 def test_parse_request_rejects_non_objects() -> None:
