@@ -54,6 +54,10 @@ MODEL_KINDS = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD, Kind.MODEL_ACCES
 _OK = frozenset({"ok", "SUCCESS", "MODEL_READY", "success"})
 #: Fields of an opaque request that name models (protocol.md: preload_models etc.).
 MODEL_FIELDS = ("model_id", "model_name")
+#: Opaque commands that name a model but never load one (protocol.md, "What the deployed
+#: agents really send": UPDATE_MODEL_USAGE is a usage record whose reply is ignored).
+#: They are routed like any opaque request and claim nothing.
+NON_LOADING = frozenset({"UPDATE_MODEL_USAGE"})
 
 
 def models_named(op: Op) -> list[str]:
@@ -63,7 +67,7 @@ def models_named(op: Op) -> list[str]:
     ``model_name``). Read-only operations name none."""
     if op.kind in MODEL_KINDS and op.model_id:
         return [op.model_id]
-    if op.kind not in MODEL_KINDS and op.kind is not Kind.OTHER:
+    if op.kind not in MODEL_KINDS and op.kind is not Kind.OTHER or op.name in NON_LOADING:
         return []
     raw = op.raw
     found = [v for k in MODEL_FIELDS if isinstance(v := raw.get(k), str) and v]

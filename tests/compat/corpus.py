@@ -107,6 +107,11 @@ NO_BACKEND_ACTION = ({"status": "error", "error_code": "SHIM_NO_BACKEND", "messa
                      "answers at once in the caller's shape instead of a timeout")
 NO_BACKEND_COMMAND = ({"status": "ERROR", "error_code": "SHIM_NO_BACKEND", "message": TEXT},
                       NO_BACKEND_ACTION[1])
+OWNED_BY_MMS = ({"status": "ERROR"},
+                "an MMA-only command naming a model: when MMS owns the model (MMS has no "
+                "equivalent and MMA may not load a model MMS holds) the shim refuses it with "
+                "SHIM_MODEL_OWNED_ELSEWHERE naming the owner; when nobody owns it yet, MMA "
+                "answers; with MMA retired, SHIM_NO_BACKEND. Always the command's ERROR shape")
 MMS_SERVED = "legacy MMA does not know MMS actions (\"Unknown action\"); the shim serves " \
              "them on MMS (migration tooling sends them to 5570)"
 AUDIO = [0.1 * math.sin(i / 7.0) for i in range(64_000)]  # 4 s of 16 kHz audio, ~1.3 MB
@@ -286,7 +291,7 @@ CORPUS: list[Entry] = [
           # The reference MMA has no speech recognition: its own "Unknown command" error
           # passes through; never the shim's size refusal.
           {"status": "ERROR", "error_code": ABSENT},
-          exceptions={"retired": NO_BACKEND_COMMAND}, client_wait_s=10.0),
+          exceptions={"0/100": OWNED_BY_MMS, "retired": OWNED_BY_MMS}, client_wait_s=10.0),
     Entry("UPDATE_MODEL_USAGE", "deployed agents",
           {"command": "UPDATE_MODEL_USAGE", "model_id": "phi-2", "timestamp": 1764400000.0,
            "agent": "VRAMOptimizer", "model_type": "llm"},
