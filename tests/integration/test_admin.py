@@ -280,7 +280,9 @@ def test_1000_random_changes_under_load_lose_nothing(
 
 def test_drain_waits_for_requests_in_flight(
         tmp_path: Path, ctx: zmq.Context[zmq.Socket[bytes]], shims: list[ShimProc]) -> None:
-    slow = {"mma": start_fake("mma", "mma", delay_ms=2000), "mms": start_fake("mms", "mms")}
+    # 8 s of work each (generate deadlines default to 29 s): two `ctl` subprocesses must
+    # start and finish while the requests are still in flight, even on a loaded machine.
+    slow = {"mma": start_fake("mma", "mma", delay_ms=8000), "mms": start_fake("mms", "mms")}
     try:
         shim = launch(shims, shim_config(slow, tmp_path), tmp_path)
         client = admin(shim, tmp_path)
