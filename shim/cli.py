@@ -18,6 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shim import signals
+
+# `mmshim run`: a SIGHUP or SIGTERM while the imports below load must not kill us.
+if __name__ == "__main__" and sys.argv[1:2] == ["run"]:
+    signals.hold()
+
 from shim.config import ConfigError, ShimConfig, load_config
 from shim.ctl import add_ctl_parser
 
@@ -217,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
+        signals.hold()  # until the event loop's own handlers take over (shim.signals)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

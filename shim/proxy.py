@@ -18,15 +18,20 @@ import msgspec
 import zmq
 
 from shim import dialects
+from shim.backlog import Backlog
 from shim.config import ShimConfig
 from shim.dialects.ops import Form, Op, Result
+from shim.drain import Connections
 from shim.metrics import Metrics
 from shim.pool import BackendBadReply, BackendError, BackendPool
 from shim.routing import bucket_of, random_bucket
 from shim.runtime import Rule, Runtime, runtime_from_config
-from shim.sockets import BatchReader, Frames, bind_or_explain, send_frames
+from shim.sockets import BatchReader, Frames, bind_or_explain, readable, send_frames
 
 log = logging.getLogger("mmshim.proxy")
+
+#: How long a reply may wait for a client that does not read (shim.backlog).
+BACKLOG_TTL_S = 10.0
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
@@ -100,14 +105,30 @@ class Proxy:
         #: Once nothing is in flight: requests == replies + unroutable (vanished clients).
         self.counts = {"requests": 0, "replies": 0, "unroutable": 0}
 
+        self.draining = False
+        #: While draining: when a request last came in or a reply went out (monotonic).
+        self._last_activity = 0.0
+
         self.frontend = ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.frontend.setsockopt(zmq.SNDHWM, 100_000)
-        self.frontend.setsockopt(zmq.RCVHWM, 100_000)
+        # Bounded memory per client: a few replies queued (then dropped and counted), a
+        # bounded inbound queue, and no frame above the hard cap ever buffered whole.
+        self.frontend.setsockopt(zmq.SNDHWM, cfg.shim.peer_send_hwm)
+        self.frontend.setsockopt(zmq.RCVHWM, cfg.shim.peer_recv_hwm)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, cfg.shim.max_frame_bytes)
+        self.connections = Connections(loop, self.frontend)
         bind_or_explain(self.frontend, cfg.shim.listen, "listen")
+        self.connections.listening_on(
+            self.frontend.getsockopt(zmq.LAST_ENDPOINT).decode())  # type: ignore[union-attr]
         self._reader = BatchReader(loop, self.frontend, self._on_frames)
-        self.pool = BackendPool(loop, ctx, cfg.backends, cfg.health, metrics)
+        self.backlog = Backlog(loop, self.frontend, peer_bytes=cfg.shim.peer_backlog_bytes,
+                               total_bytes=cfg.shim.backlog_bytes, ttl_s=BACKLOG_TTL_S,
+                               on_sent=self._sent_late, on_dropped=self._dropped,
+                               on_unroutable=self._unroutable)
+        self.pool = BackendPool(loop, ctx, cfg.backends, cfg.health, metrics,
+                                max_reply_bytes=cfg.shim.max_reply_bytes,
+                                max_frame_bytes=cfg.shim.max_frame_bytes)
         metrics.export_counts(lambda: self.counts)
         self.set_runtime(self.runtime)
 
@@ -125,6 +146,8 @@ class Proxy:
     def _on_frames(self, frames: Frames) -> None:
         """One multipart message from a client: ``[identity..., b"", payload]``."""
         self.counts["requests"] += 1
+        if self.draining:
+            self._last_activity = time.monotonic()
         try:
             split = frames.index(b"", 1)
         except ValueError:
@@ -145,14 +168,34 @@ class Proxy:
             task.add_done_callback(self._tasks.discard)
 
     def _send(self, envelope: Frames, reply: bytes) -> None:
+        frames = [*envelope, reply]
+        if self.draining:
+            self._last_activity = time.monotonic()
+        if self.backlog.holds(envelope[0]):  # behind its earlier replies, in order
+            self.backlog.park(frames)
+            return
         try:
-            send_frames(self.frontend, [*envelope, reply])
+            send_frames(self.frontend, frames)
             self.counts["replies"] += 1
+        except zmq.Again:
+            # Its send queue is full (shim.peer_send_hwm): wait in the bounded backlog.
+            self.backlog.park(frames)
         except zmq.ZMQError:
-            # ROUTER_MANDATORY: the client has gone (or is not reading); count, move on.
-            self.counts["unroutable"] += 1
-            self.metrics.unroutable.inc()
+            # ROUTER_MANDATORY: the client has gone; count, move on.
+            self._unroutable()
         self._reader.kick()
+
+    def _sent_late(self) -> None:
+        self.counts["replies"] += 1
+        self._reader.kick()
+
+    def _dropped(self, reason: str) -> None:
+        self.counts["unroutable"] += 1
+        self.metrics.dropped_replies.labels(reason).inc()
+
+    def _unroutable(self) -> None:
+        self.counts["unroutable"] += 1
+        self.metrics.unroutable.inc()
 
     def _bad_request(self, envelope: Frames, reason: str, message: str) -> None:
         self.metrics.bad_requests.labels(reason).inc()
@@ -337,25 +380,55 @@ class Proxy:
     def inflight(self) -> int:
         return len(self._tasks)
 
-    async def drain(self, timeout_s: float) -> int:
-        """Stop accepting, let requests in flight finish, answer the rest with errors.
+    async def drain(self, timeout_s: float, quiet_s: float = 0.05) -> int:
+        """Serve on until a quiet moment, then close the frontend, flushing its replies.
 
-        Returns how many had to be cut short.
+        A persistent REQ client (protocol.md: VRAMOptimizer) whose request is on a
+        connection the shim closes is wedged for good: libzmq never resends it. So the
+        endpoint stays bound and every request received keeps being served, until nothing
+        is in flight, no reply waits, nothing is unread and no request came in or reply
+        went out for ``quiet_s``: every client then has its reply, and the socket is
+        closed at once (its replies get a linger to go out). A client's next request
+        waits in its own libzmq queue until it has reconnected, to the next shim.
+        (Unbinding first would not help: libzmq's unbind also closes the connections
+        that the endpoint accepted, replies still queued on them included.)
+
+        At ``timeout_s`` whatever is still in flight is answered SHIM_SHUTTING_DOWN.
+        Returns how many requests had to be cut short.
         """
-        self.accepting = False
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        self.draining = True
+        self._last_activity = time.monotonic()
+        deadline = self._last_activity + timeout_s
+        while time.monotonic() < deadline:
+            if (not self._tasks and not self.backlog.bytes and not readable(self.frontend)
+                    and time.monotonic() - self._last_activity >= quiet_s):
+                # In the same loop pass as the check: FIN to every client at once
+                # (shim.drain), then the close, which flushes nothing (all sent).
+                self.connections.hang_up()
+                self.close_frontend()
+                return 0
+            await asyncio.sleep(0.002)
+        self.accepting = False  # from now on: SHIM_SHUTTING_DOWN
         cut = list(self._tasks)
         for task in cut:
             task.cancel()
         if cut:
             await asyncio.wait(cut, timeout=1.0)
+        self.close_frontend()
         return len(cut)
 
-    def close(self) -> None:
+    def close_frontend(self, linger_ms: int = 1000) -> None:
+        """Stop reading and close the frontend; queued replies get ``linger_ms`` to go."""
         self._reader.stop()
+        if not self.frontend.closed:
+            self.frontend.close(linger_ms)
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the sockets; replies still queued get ``linger_ms`` to be sent."""
+        self.backlog.drop_all()
+        self.connections.close()
+        self.close_frontend(linger_ms)
         self.pool.close()
-        self.frontend.close(0)
 
 
 def _as_dict(msg: object) -> dict[str, Any] | None:

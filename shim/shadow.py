@@ -282,7 +282,8 @@ class Shadow:
         s = self._settings
         if self._difflog is None and s.diff_log and not self._log_failed:
             try:
-                self._difflog = DiffLog(s.diff_log, s.diff_log_max_bytes, s.diff_log_backups)
+                self._difflog = DiffLog(s.diff_log, s.diff_log_max_bytes, s.diff_log_backups,
+                                        payloads=s.log_payloads)
             except OSError as exc:
                 log.error("cannot open the diff log %s: %s; not logging diffs", s.diff_log, exc)
                 self._log_failed = True

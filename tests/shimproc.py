@@ -8,6 +8,7 @@ socket answers. Both return objects with ``.stop()`` and ``.kill()``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,21 @@ class ShimProc:
     def health(self) -> dict[str, Any]:
         return req(self.health_endpoint, b"?", timeout=5.0)
 
+    def status(self) -> dict[str, Any]:
+        """The admin ``status`` reply (backends, weights, health details and VRAM: what
+        the health socket tells only when ``shim.health_details`` is on)."""
+        from shim.ctl import AdminClient
+
+        section = json.loads(self.config_path.read_text())["shim"]
+        token_file = section.get("admin_token_file") or str(
+            Path(section["state_file"]).with_suffix(".token"))
+        client = AdminClient(self.admin_endpoint, Path(token_file).read_text().strip(),
+                             timeout_s=5.0)
+        try:
+            return client.call("status")
+        finally:
+            client.close()
+
     def metrics(self) -> str:
         import urllib.request
 
@@ -135,7 +151,7 @@ def start_shim(cfg: dict[str, Any], tmp_path: Path, *, extra_args: tuple[str, ..
         path = path or tmp_path / f"shim-{free_port()}.json"
         path.write_text(json.dumps(cfg))
         proc = Proc([sys.executable, "-m", "shim.cli", "run", "--config", str(path),
-                     "--log-level", "warning", *extra_args], cwd=ROOT, env=env)
+                     "--log-level", os.environ.get("SHIM_LOG", "warning"), *extra_args], cwd=ROOT, env=env)
         s = cfg["shim"]
         shim = ShimProc(proc, path, int(s["listen"].rsplit(":", 1)[1]),
                         int(s["health"].rsplit(":", 1)[1]), int(s["metrics"].rsplit(":", 1)[1]),
