@@ -4,6 +4,8 @@ stopped together."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
 import signal
@@ -103,10 +105,16 @@ class Shim:
     async def _collect_forever(self, interval_s: float) -> None:
         """A full collection now and then: memory held only by reference cycles (an
         exception, its traceback, the frames and the large payloads they reference) is
-        freed within ``interval_s`` instead of whenever generation 2 next runs."""
+        freed within ``interval_s`` instead of whenever generation 2 next runs. Then the
+        C allocator gives its free memory back (glibc ``malloc_trim``: after a large
+        frame is freed, glibc raises its mmap threshold and keeps later large buffers
+        on the heap, where freeing them does not shrink the process)."""
+        trim = _malloc_trim()
         while True:
             await asyncio.sleep(interval_s)
             gc.collect()
+            if trim is not None:
+                trim(0)
 
     def _plug_addons(self, proxy: Proxy) -> None:
         """Behaviour beyond moving requests, in hook order: ownership routes first."""
@@ -207,6 +215,16 @@ class Shim:
                 "vram": {"used_mb": used_total, "budget_mb": budget_total},
             },
         }
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on another C library."""
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                                               use_errno=True).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return fn
 
 
 def build_shim(cfg: ShimConfig, config_path: Path | None = None, *,

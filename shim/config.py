@@ -66,9 +66,11 @@ class ShimSection(Base):
     #: not read are dropped and counted (shim_dropped_replies_total{reason="slow_reader"}).
     peer_send_hwm: int = 64
     #: Replies beyond that queue wait in the shim (shim.backlog), up to this many bytes
-    #: per client and ``backlog_bytes`` in all, for at most 10 s; then they are dropped.
+    #: per client and ``backlog_bytes`` in all, for at most ``backlog_ttl_s``; then they
+    #: are dropped.
     peer_backlog_bytes: int = 4 << 20
     backlog_bytes: int = 64 << 20
+    backlog_ttl_s: float = 10.0
     #: Requests queued per client before libzmq stops reading its connection (RCVHWM).
     peer_recv_hwm: int = 1000
     #: A drain (SIGTERM) closes the frontend at the first moment when nothing is in

@@ -18,10 +18,13 @@ listening address (descriptors are reused).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import os
 import socket
+import termios
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -59,33 +62,34 @@ class Connections:
         elif event["event"] == zmq.EVENT_DISCONNECTED:
             self.fds.discard(fd)
 
-    def hang_up(self) -> int:
-        """``shutdown(SHUT_RDWR)`` every connection still ours (data already handed to the
-        kernel is still delivered before the FIN); returns how many."""
-        self._reader.stop()
-        with contextlib.suppress(zmq.ZMQError):  # events queued since: read them now
+    def hang_up_if_nothing_unread(self) -> bool:
+        """``shutdown(SHUT_RDWR)`` every connection still ours, unless one of them has
+        bytes the shim has not read yet (``FIONREAD``: a request that libzmq's I/O thread
+        has not picked up; it must be served first). Data already handed to the kernel
+        is still delivered before the FIN. Returns whether it hung up."""
+        with contextlib.suppress(zmq.ZMQError):  # connection events queued: read them
             while self._monitor.poll(0):
                 self._on_event(self._monitor.recv_multipart())
-        done = 0
-        for fd in sorted(self.fds):
-            done += self._shutdown(fd)
-        self.fds.clear()
-        return done
-
-    def _shutdown(self, fd: int) -> bool:
+        socks = []
         try:
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            return False
-        try:
-            if not self._is_ours(sock):
-                return False
-            sock.shutdown(socket.SHUT_RDWR)
+            for fd in sorted(self.fds):
+                try:
+                    sock = socket.socket(fileno=os.dup(fd))
+                except OSError:
+                    continue
+                socks.append(sock)
+                if self._is_ours(sock) and _unread(sock) > 0:
+                    return False
+            for sock in socks:
+                if self._is_ours(sock):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+            self._reader.stop()
+            self.fds.clear()
             return True
-        except OSError:
-            return False
         finally:
-            sock.close()  # our duplicate only
+            for sock in socks:
+                sock.close()  # our duplicates only
 
     def _is_ours(self, sock: socket.socket) -> bool:
         try:
@@ -105,3 +109,13 @@ class Connections:
             if not self._sock.closed:
                 self._sock.disable_monitor()
             self._monitor.close(0)
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes waiting in the kernel's receive buffer (ioctl FIONREAD)."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, buf)
+    except OSError:
+        return 0
+    return buf[0]

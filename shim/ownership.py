@@ -249,6 +249,9 @@ class Ownership:
             gone = views.get(owner) is not None and model not in where
             if gone and model not in self.moves and self._changed.get(model, 0) <= started:
                 self._set_owner(model, None)
+        # A change before this poll began weighs nothing in later polls: forget it, so
+        # that a stream of distinct model names does not grow the map.
+        self._changed = {m: t for m, t in self._changed.items() if t > started}
 
     async def _confirm_duplicate(self, model: str, backends: set[str]) -> bool:
         """Ask again: a model that moved between two polls is not a duplicate."""

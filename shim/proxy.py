@@ -30,9 +30,6 @@ from shim.sockets import BatchReader, Frames, bind_or_explain, readable, send_fr
 
 log = logging.getLogger("mmshim.proxy")
 
-#: How long a reply may wait for a client that does not read (shim.backlog).
-BACKLOG_TTL_S = 10.0
-
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 #: What msgspec raises on bad JSON: deep nesting and invalid UTF-8 escape DecodeError.
@@ -123,7 +120,7 @@ class Proxy:
             self.frontend.getsockopt(zmq.LAST_ENDPOINT).decode())  # type: ignore[union-attr]
         self._reader = BatchReader(loop, self.frontend, self._on_frames)
         self.backlog = Backlog(loop, self.frontend, peer_bytes=cfg.shim.peer_backlog_bytes,
-                               total_bytes=cfg.shim.backlog_bytes, ttl_s=BACKLOG_TTL_S,
+                               total_bytes=cfg.shim.backlog_bytes, ttl_s=cfg.shim.backlog_ttl_s,
                                on_sent=self._sent_late, on_dropped=self._dropped,
                                on_unroutable=self._unroutable)
         self.pool = BackendPool(loop, ctx, cfg.backends, cfg.health, metrics,
@@ -401,10 +398,10 @@ class Proxy:
         deadline = self._last_activity + timeout_s
         while time.monotonic() < deadline:
             if (not self._tasks and not self.backlog.bytes and not readable(self.frontend)
-                    and time.monotonic() - self._last_activity >= quiet_s):
-                # In the same loop pass as the check: FIN to every client at once
-                # (shim.drain), then the close, which flushes nothing (all sent).
-                self.connections.hang_up()
+                    and time.monotonic() - self._last_activity >= quiet_s
+                    and self.connections.hang_up_if_nothing_unread()):
+                # In the same loop pass as the checks: a FIN to every client at once
+                # (shim.drain), then the close, which has nothing left to flush.
                 self.close_frontend()
                 return 0
             await asyncio.sleep(0.002)

@@ -38,7 +38,7 @@ class Fake(Backend):
 
 def start_fake(name: str, dialect: str = "mma", mode: str = "ok", *, delay_ms: int = 0,
                port: int | None = None, health_port: int | None = None,
-               loaded: str | None = None, rename: str = "") -> Fake:
+               loaded: str | None = None, rename: str = "", pad_bytes: int = 0) -> Fake:
     """Run tests/fakes.py (see its options) and wait until its health socket answers."""
     port = port or free_port()
     health_port = health_port or free_port()
@@ -49,6 +49,8 @@ def start_fake(name: str, dialect: str = "mma", mode: str = "ok", *, delay_ms: i
         argv += ["--loaded", loaded]
     if rename:
         argv += ["--rename", rename]
+    if pad_bytes:
+        argv += ["--pad-bytes", str(pad_bytes)]
     fake = Fake(dialect, Proc(argv, cwd=ROOT), port, health_port, name=name)
     req(fake.health_endpoint, b"ping", timeout=10.0)
     return fake

@@ -14,6 +14,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,13 @@ class PersistentClient:
             sock.close(0)
 
 
+def progressed(clients: list[PersistentClient]) -> Callable[[], bool]:
+    """True once every client got a reply after now (or is wedged: the test then fails)."""
+    before = [c.answered for c in clients]
+    return lambda: all(c.answered > b or c.wedged
+                       for c, b in zip(clients, before, strict=True))
+
+
 def restart(shim: ShimProc, tmp_path: Path) -> ShimProc:
     """SIGTERM the shim, wait for a clean exit, start it again on the same endpoints."""
     assert_clean_exit(shim)
@@ -83,15 +91,11 @@ def test_graceful_restarts_wedge_no_persistent_req_client(tmp_path: Path) -> Non
         for t in threads:
             t.start()
         for n in range(restarts):
-            before = [c.answered for c in clients]
-            wait_until(lambda: all(c.answered > b or c.wedged
-                                   for c, b in zip(clients, before, strict=True)),
-                       WEDGED_AFTER_S + 10, f"every client answered after restart {n}")
+            wait_until(progressed(clients), WEDGED_AFTER_S + 10,
+                       f"every client answered after restart {n}")
             shim = restart(shim, tmp_path)
-        before = [c.answered for c in clients]
-        wait_until(lambda: all(c.answered > b or c.wedged
-                               for c, b in zip(clients, before, strict=True)),
-                   WEDGED_AFTER_S + 10, "every client answered after the last restart")
+        wait_until(progressed(clients), WEDGED_AFTER_S + 10,
+                   "every client answered after the last restart")
     finally:
         for c in clients:
             c.stop.set()
