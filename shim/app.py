@@ -151,6 +151,8 @@ class Shim:
             await self.health.stop()
         if self.proxy is not None:
             self.proxy.close(linger_ms)  # replies still queued get linger_ms to go out
+        if self.proxy is not None and self.proxy.listener_released:
+            return  # libzmq must not close the frontend (shim.drain): the process exits
         self.ctx.destroy(linger=0)
 
     def stop(self) -> None:

@@ -57,10 +57,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"mmshim: refusing to start: {exc}", file=sys.stderr)
         return 2
     try:
-        return run_shim(shim)
+        code = run_shim(shim)
     except EndpointInUse as exc:
         print(f"mmshim: {exc}", file=sys.stderr)
         return 3
+    if shim.proxy is not None and shim.proxy.listener_released:
+        # Drained with the listener handed back (shim.drain): libzmq must not tear the
+        # frontend down, so exit here, everything else closed and flushed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

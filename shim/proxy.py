@@ -9,7 +9,9 @@ addons with four hooks (``Addon``), so the core stays readable.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -21,12 +23,20 @@ from shim import dialects
 from shim.backlog import Backlog
 from shim.config import ShimConfig
 from shim.dialects.ops import Form, Op, Result
-from shim.drain import Connections
+from shim.drain import Connections, listen_socket, release_listener
 from shim.metrics import Metrics
 from shim.pool import BackendBadReply, BackendError, BackendPool
 from shim.routing import bucket_of, random_bucket
 from shim.runtime import Rule, Runtime, runtime_from_config
-from shim.sockets import BatchReader, Frames, bind_or_explain, readable, send_frames
+from shim.sockets import (
+    BatchReader,
+    EndpointInUse,
+    Frames,
+    bind_or_explain,
+    readable,
+    recv_frames_fd,
+    send_frames,
+)
 
 log = logging.getLogger("mmshim.proxy")
 
@@ -102,7 +112,12 @@ class Proxy:
         #: Once nothing is in flight: requests == replies + unroutable (vanished clients).
         self.counts = {"requests": 0, "replies": 0, "unroutable": 0}
 
+        #: Requests in flight per client connection (descriptor), for the drain.
+        self._open: dict[int, int] = {}
         self.draining = False
+        #: True once the listening socket was handed back to the kernel (shim.drain): the
+        #: frontend must then never be closed; the process exits instead.
+        self.listener_released = False
         #: While draining: when a request last came in or a reply went out (monotonic).
         self._last_activity = 0.0
 
@@ -115,10 +130,11 @@ class Proxy:
         self.frontend.setsockopt(zmq.RCVHWM, cfg.shim.peer_recv_hwm)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, cfg.shim.max_frame_bytes)
         self.connections = Connections(loop, self.frontend)
+        self._listener = _listen(cfg.shim.listen)
+        if self._listener is not None:  # ours, so that a drain can release it (shim.drain)
+            self.frontend.setsockopt(zmq.USE_FD, self._listener.fileno())
         bind_or_explain(self.frontend, cfg.shim.listen, "listen")
-        self.connections.listening_on(
-            self.frontend.getsockopt(zmq.LAST_ENDPOINT).decode())  # type: ignore[union-attr]
-        self._reader = BatchReader(loop, self.frontend, self._on_frames)
+        self._reader = BatchReader(loop, self.frontend, self._on_frames, recv=recv_frames_fd)
         self.backlog = Backlog(loop, self.frontend, peer_bytes=cfg.shim.peer_backlog_bytes,
                                total_bytes=cfg.shim.backlog_bytes, ttl_s=cfg.shim.backlog_ttl_s,
                                on_sent=self._sent_late, on_dropped=self._dropped,
@@ -140,34 +156,42 @@ class Proxy:
 
     # -- 1. frontend -----------------------------------------------------------------
 
-    def _on_frames(self, frames: Frames) -> None:
-        """One multipart message from a client: ``[identity..., b"", payload]``."""
+    def _on_frames(self, message: tuple[Frames, int]) -> None:
+        """One multipart message from a client: ``[identity..., b"", payload]``, and the
+        descriptor of the connection it came on (for the drain: shim.drain)."""
+        frames, fd = message
         self.counts["requests"] += 1
         if self.draining:
             self._last_activity = time.monotonic()
+            self.connections.received(fd)
         try:
             split = frames.index(b"", 1)
         except ValueError:
             # A DEALER that sent no delimiter: answer it the way it can read.
-            self._bad_request([*frames[:1], b""], "envelope", "missing empty delimiter frame")
+            self._bad_request([*frames[:1], b""], "envelope", "missing empty delimiter frame",
+                              fd)
             return
         envelope, body = frames[: split + 1], frames[split + 1 :]
         if len(body) != 1:
-            self._bad_request(envelope, "frames", f"expected one payload frame, got {len(body)}")
+            self._bad_request(envelope, "frames", f"expected one payload frame, got {len(body)}",
+                              fd)
         elif len(body[0]) > self._max_bytes:
             self._bad_request(envelope, "too_large",
-                              f"request of {len(body[0])} bytes exceeds {self._max_bytes}")
+                              f"request of {len(body[0])} bytes exceeds {self._max_bytes}", fd)
         elif not self.accepting:
-            self._reply_error(envelope, None, "SHIM_SHUTTING_DOWN", "the shim is shutting down")
+            self._reply_error(envelope, None, "SHIM_SHUTTING_DOWN", "the shim is shutting down",
+                              fd)
         else:
-            task = self._loop.create_task(self._handle(envelope, body[0]))
+            self._open[fd] = self._open.get(fd, 0) + 1
+            task = self._loop.create_task(self._handle(envelope, body[0], fd))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _send(self, envelope: Frames, reply: bytes) -> None:
+    def _send(self, envelope: Frames, reply: bytes, fd: int = -1) -> None:
         frames = [*envelope, reply]
         if self.draining:
             self._last_activity = time.monotonic()
+            self.connections.sent(fd, len(reply))
         if self.backlog.holds(envelope[0]):  # behind its earlier replies, in order
             self.backlog.park(frames)
             return
@@ -194,17 +218,19 @@ class Proxy:
         self.counts["unroutable"] += 1
         self.metrics.unroutable.inc()
 
-    def _bad_request(self, envelope: Frames, reason: str, message: str) -> None:
+    def _bad_request(self, envelope: Frames, reason: str, message: str, fd: int = -1) -> None:
         self.metrics.bad_requests.labels(reason).inc()
-        self._reply_error(envelope, None, "SHIM_BAD_REQUEST", message)
+        self._reply_error(envelope, None, "SHIM_BAD_REQUEST", message, fd)
 
-    def _reply_error(self, envelope: Frames, msg: object, code: str, message: str) -> None:
+    def _reply_error(self, envelope: Frames, msg: object, code: str, message: str,
+                     fd: int = -1) -> None:
         form = dialects.form_of(msg)
-        self._send(envelope, _encode(dialects.error_reply(form, code, message, _as_dict(msg))))
+        self._send(envelope, _encode(dialects.error_reply(form, code, message, _as_dict(msg))),
+                   fd)
 
     # -- 2..5. one request -----------------------------------------------------------
 
-    async def _handle(self, envelope: Frames, payload: bytes) -> None:
+    async def _handle(self, envelope: Frames, payload: bytes, fd: int = -1) -> None:
         started = time.perf_counter()
         rt = self.runtime  # read once: a concurrent change applies to the next request
         msg: object = None
@@ -217,7 +243,7 @@ class Proxy:
                     self.metrics.bad_requests.labels("not_json").inc()
                     raise ShimReply("SHIM_BAD_REQUEST", "request is not valid JSON") from None
                 backend, reply = await self._forward_opaque_bytes(rt, payload, started)
-                self._send(envelope, reply)
+                self._send(envelope, reply, fd)
                 return
             if not isinstance(msg, dict):
                 self.metrics.bad_requests.labels("not_object").inc()
@@ -232,21 +258,27 @@ class Proxy:
             deadline = started + rule.timeout_ms / 1000
             candidates = self._route(rt, op, msg, rule)
             backend, reply = await self._forward(op, payload, candidates, rule, deadline)
-            self._send(envelope, reply)
+            self._send(envelope, reply, fd)
             self._after_reply(op, backend, payload, reply, rt)  # never raises
         except ShimReply as exc:
             outcome = exc.code
-            self._reply_error(envelope, msg, exc.code, exc.message)
+            self._reply_error(envelope, msg, exc.code, exc.message, fd)
         except asyncio.CancelledError:
             outcome = "SHIM_SHUTTING_DOWN"
-            self._reply_error(envelope, msg, outcome, "the shim shut down before a reply came")
+            self._reply_error(envelope, msg, outcome, "the shim shut down before a reply came",
+                              fd)
             raise
         except Exception as exc:  # a bug must cost one error reply, never the shim
             log.exception("internal error handling a request")
             outcome = "SHIM_INTERNAL"
-            self._reply_error(envelope, msg, outcome, f"internal error: {exc}")
+            self._reply_error(envelope, msg, outcome, f"internal error: {exc}", fd)
         finally:
             self.metrics.record_request(backend, action, outcome, time.perf_counter() - started)
+            left = self._open.get(fd, 1) - 1
+            if left > 0:
+                self._open[fd] = left
+            else:
+                self._open.pop(fd, None)
 
     def _after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
                      rt: Runtime) -> None:
@@ -378,46 +410,53 @@ class Proxy:
         return len(self._tasks)
 
     async def drain(self, timeout_s: float, quiet_s: float = 0.05) -> int:
-        """Serve on until a quiet moment, then close the frontend, flushing its replies.
+        """Stop accepting connections, answer every request received (in flight or
+        arriving on a connection already made), close each connection right after its
+        replies have reached the client (shim.drain), and stop when none is left.
 
-        A persistent REQ client (protocol.md: VRAMOptimizer) whose request is on a
-        connection the shim closes is wedged for good: libzmq never resends it. So the
-        endpoint stays bound and every request received keeps being served, until nothing
-        is in flight, no reply waits, nothing is unread and no request came in or reply
-        went out for ``quiet_s``: every client then has its reply, and the socket is
-        closed at once (its replies get a linger to go out). A client's next request
-        waits in its own libzmq queue until it has reconnected, to the next shim.
-        (Unbinding first would not help: libzmq's unbind also closes the connections
-        that the endpoint accepted, replies still queued on them included.)
-
-        At ``timeout_s`` whatever is still in flight is answered SHIM_SHUTTING_DOWN.
-        Returns how many requests had to be cut short.
+        A frontend on ipc:// (no listening socket of ours to release) is closed instead
+        at the first moment when nothing is in flight and nothing came in or went out for
+        ``quiet_s``. At ``timeout_s`` whatever is still in flight is answered
+        SHIM_SHUTTING_DOWN. Returns how many requests had to be cut short.
         """
         self.draining = True
         self._last_activity = time.monotonic()
         deadline = self._last_activity + timeout_s
+        if self._listener is not None:
+            release_listener(self._listener)
+            self.listener_released = True
+            self.connections.start_drain()
         while time.monotonic() < deadline:
-            if (not self._tasks and not self.backlog.bytes and not readable(self.frontend)
-                    and time.monotonic() - self._last_activity >= quiet_s
-                    and self.connections.hang_up_if_nothing_unread()):
-                # In the same loop pass as the checks: a FIN to every client at once
-                # (shim.drain), then the close, which has nothing left to flush.
+            if self.listener_released:
+                self.connections.hang_up_answered(self._open)
+                if self.connections.open == 0 and not self._tasks and not self.backlog.bytes:
+                    log.info("drained: every client connection closed after its reply")
+                    return 0
+            elif (not self._tasks and not self.backlog.bytes and not readable(self.frontend)
+                    and time.monotonic() - self._last_activity >= quiet_s):
                 self.close_frontend()
                 return 0
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.005)
         self.accepting = False  # from now on: SHIM_SHUTTING_DOWN
         cut = list(self._tasks)
         for task in cut:
             task.cancel()
         if cut:
             await asyncio.wait(cut, timeout=1.0)
+        if self.listener_released:  # give the last replies a moment to reach the clients
+            flush_by = time.monotonic() + 1.0
+            while self.connections.open and time.monotonic() < flush_by:
+                self.connections.hang_up_answered(self._open)
+                await asyncio.sleep(0.005)
+            self.connections.hang_up_all()
         self.close_frontend()
         return len(cut)
 
     def close_frontend(self, linger_ms: int = 1000) -> None:
-        """Stop reading and close the frontend; queued replies get ``linger_ms`` to go."""
+        """Stop reading and close the frontend; queued replies get ``linger_ms`` to go.
+        After the listener was released the socket is left open (see shim.drain)."""
         self._reader.stop()
-        if not self.frontend.closed:
+        if not self.frontend.closed and not self.listener_released:
             self.frontend.close(linger_ms)
 
     def close(self, linger_ms: int = 0) -> None:
@@ -426,6 +465,16 @@ class Proxy:
         self.connections.close()
         self.close_frontend(linger_ms)
         self.pool.close()
+
+
+def _listen(endpoint: str) -> socket.socket | None:
+    try:
+        return listen_socket(endpoint)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise EndpointInUse(f"listen endpoint {endpoint} is already in use "
+                                "(is the old model manager still holding it?)") from None
+        raise EndpointInUse(f"cannot bind listen endpoint {endpoint}: {exc}") from None
 
 
 def _as_dict(msg: object) -> dict[str, Any] | None:
