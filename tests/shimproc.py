@@ -8,7 +8,6 @@ socket answers. Both return objects with ``.stop()`` and ``.kill()``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +152,7 @@ def start_shim(cfg: dict[str, Any], tmp_path: Path, *, extra_args: tuple[str, ..
         path = path or tmp_path / f"shim-{free_port()}.json"
         path.write_text(json.dumps(cfg))
         proc = Proc([sys.executable, "-m", "shim.cli", "run", "--config", str(path),
-                     "--log-level", os.environ.get("SHIM_LOG", "warning"), *extra_args], cwd=ROOT, env=env)
+                     "--log-level", "warning", *extra_args], cwd=ROOT, env=env)
         s = cfg["shim"]
         shim = ShimProc(proc, path, int(s["listen"].rsplit(":", 1)[1]),
                         int(s["health"].rsplit(":", 1)[1]), int(s["metrics"].rsplit(":", 1)[1]),
