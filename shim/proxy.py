@@ -121,6 +121,9 @@ class Proxy:
         #: While draining: when a request last came in or a reply went out (monotonic).
         self._last_activity = 0.0
 
+        # Ours, so that a drain can release it (shim.drain); first, so that an endpoint
+        # in use leaves no socket behind.
+        self._listener = _listen(cfg.shim.listen)
         self.frontend = ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -129,11 +132,10 @@ class Proxy:
         self.frontend.setsockopt(zmq.SNDHWM, cfg.shim.peer_send_hwm)
         self.frontend.setsockopt(zmq.RCVHWM, cfg.shim.peer_recv_hwm)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, cfg.shim.max_frame_bytes)
-        self.connections = Connections(loop, self.frontend)
-        self._listener = _listen(cfg.shim.listen)
-        if self._listener is not None:  # ours, so that a drain can release it (shim.drain)
+        if self._listener is not None:
             self.frontend.setsockopt(zmq.USE_FD, self._listener.fileno())
-        bind_or_explain(self.frontend, cfg.shim.listen, "listen")
+        bind_or_explain(self.frontend, cfg.shim.listen, "listen")  # closes it on failure
+        self.connections = Connections(loop, self.frontend)
         self._reader = BatchReader(loop, self.frontend, self._on_frames, recv=recv_frames_fd)
         self.backlog = Backlog(loop, self.frontend, peer_bytes=cfg.shim.peer_backlog_bytes,
                                total_bytes=cfg.shim.backlog_bytes, ttl_s=cfg.shim.backlog_ttl_s,
