@@ -427,6 +427,7 @@ class Proxy:
         if self._listener is not None:
             release_listener(self._listener)
             self.listener_released = True
+            _RELEASED.append(self.frontend)  # never garbage-collected, so never closed
             self.connections.start_drain()
         while time.monotonic() < deadline:
             if self.listener_released:
@@ -467,6 +468,10 @@ class Proxy:
         self.connections.close()
         self.close_frontend(linger_ms)
         self.pool.close()
+
+
+#: Frontends whose listener was released (shim.drain): libzmq must never close them.
+_RELEASED: list[zmq.Socket[bytes]] = []
 
 
 def _listen(endpoint: str) -> socket.socket | None:
