@@ -1,26 +1,32 @@
-# Two commands set a fresh machine up: `make run` (shim + both reference backends on
-# loopback) and `make test` (the whole suite). Everything else builds on the same venv.
+# Two commands set a fresh machine up: `make run` (shim + both reference backends) and
+# `make test` (the whole suite). Everything else builds on the same venv.
+#   make run CONFIG=path/to/shim.toml   another config (ports, weights, ...); or
+#                                       MMSHIM_CONFIG=path/to/shim.toml make run
+#   make venv EXTRAS=test,hf            also torch + transformers (real HF models; large)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-EXTRAS ?= test,hf
+# No torch by default: the default n-gram models need none. `hf` is opt-in (see README).
+EXTRAS ?= test
+CONFIG ?= $(or $(MMSHIM_CONFIG),config/shim.toml)
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 MODELS := models/tiny.ngram models/base.ngram
 
-.PHONY: venv models test test-fast lint run demo bench clean
+.PHONY: venv models test test-fast lint run demo rollout-demo bench clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
-	touch $@
+	@test -x $(PY) || { echo "make: creating the virtualenv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "make: installing mmshim and its [$(EXTRAS)] extras into $(VENV) (first run, or pyproject.toml changed)"
+	$(PY) -m pip install --progress-bar on -e '.[$(EXTRAS)]'
+	@touch $@
 
 models: $(MODELS)
 
 $(MODELS) &: $(STAMP) backends/loaders/ngram.py backends/build_models.py
+	@echo "make: building the n-gram models in models/"
 	$(PY) -m backends.build_models --out models
 
 test: venv models
@@ -34,10 +40,16 @@ lint: venv
 	$(PY) -m mypy shim backends
 
 run: venv models
-	$(VENV)/bin/mmshim stack --config config/shim.toml --models config/models.toml
+	@echo "make: venv and models ready; starting the stack from $(CONFIG) (make run CONFIG=... for another)"
+	$(VENV)/bin/mmshim stack --config $(CONFIG)
 
 demo: venv
-	$(VENV)/bin/mmshim demo --config config/shim.toml
+	$(VENV)/bin/mmshim demo --config $(CONFIG)
+
+# A whole rollout plan, MMA -> MMS, on `make run`'s stack with demo traffic (a few
+# minutes; stop `make run` first: it uses the same ports).
+rollout-demo: venv models
+	$(PY) -m shim.rollout.demo --config config/shim.toml --plan config/rollouts/demo.toml
 
 # The benchmarks need no torch: on a fresh clone they install only the test extras.
 bench:

@@ -167,7 +167,7 @@ def _cuda_total_mb() -> int | None:
             return None
         if importlib.util.find_spec("torch") is None:
             return None
-        import torch
+        torch = importlib.import_module("torch")
     try:
         if not torch.cuda.is_available():
             return None

@@ -9,12 +9,18 @@ remembered (the MMS keeps no conversation history).
 The deployed MMS answered them as ``{"error": "..."}`` with no status key; the hidden flag
 ``--legacy-error-shape`` reproduces that so the shim's tolerance of it can be tested.
 
+Test-only fault injection (hidden flags, off by default): ``--fault-model NAME`` with
+``--fault-error-rate P`` (seeded by ``--fault-seed``) answers that model's generates with an
+error at rate P, and ``--fault-delay-ms MS`` delays them; used by the rollout tests.
+
 Run: ``python -m backends.mms --port 7211 --health-port 8211 --models config/models.toml``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import random
 import sys
 import time
 from collections import Counter
@@ -75,12 +81,33 @@ class MetricSummary(msgspec.Struct, kw_only=True):
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+class Fault:
+    """Injected misbehaviour of one model's generates (tests only): errors at a seeded
+    rate, and a delay."""
+
+    def __init__(self, model: str, error_rate: float, delay_ms: int, seed: int) -> None:
+        self.model = model
+        self.error_rate = error_rate
+        self.delay_s = delay_ms / 1000
+        self._rng = random.Random(seed)
+
+    async def strike(self, model: str) -> bool:
+        """Delay if asked; True when this generate must fail."""
+        if model != self.model:
+            return False
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return self._rng.random() < self.error_rate
+
+
 class MMSDialect:
     """Maps MMS requests to replies against the shared core."""
 
-    def __init__(self, core: ServiceCore, *, legacy_error_shape: bool = False) -> None:
+    def __init__(self, core: ServiceCore, *, legacy_error_shape: bool = False,
+                 fault: Fault | None = None) -> None:
         self.core = core
         self.legacy_error_shape = legacy_error_shape
+        self.fault = fault
         self._usage: Counter[str] = Counter()
         self._by_action: Counter[str] = Counter()
         self._metrics: dict[str, dict[str, MetricSummary]] = {}
@@ -217,6 +244,9 @@ class MMSDialect:
         return await self._generate(name, request, request.get("params"))
 
     async def _generate(self, name: str, request: dict[str, Any], params: Any) -> dict[str, Any]:
+        if self.fault is not None and await self.fault.strike(name):
+            self.core.counters.errors_total += 1
+            return self._generation_error(f"Generation failed: injected fault on {name}")
         prompt = request.get("prompt")
         if not isinstance(prompt, str):
             return self._generation_error("Missing 'prompt' field")
@@ -406,9 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         health_env="HEALTH_PORT",
     )
     parser.add_argument("--legacy-error-shape", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fault-model", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--fault-error-rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--fault-delay-ms", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--fault-seed", type=int, default=1, help=argparse.SUPPRESS)
     args: argparse.Namespace = parser.parse_args(argv)
     legacy = bool(args.legacy_error_shape)
-    return server.run(args, "refuse", lambda core, _a: MMSDialect(core, legacy_error_shape=legacy))
+    fault = Fault(args.fault_model, args.fault_error_rate, args.fault_delay_ms,
+                  args.fault_seed) if args.fault_model else None
+    return server.run(args, "refuse", lambda core, _a: MMSDialect(
+        core, legacy_error_shape=legacy, fault=fault))
 
 
 if __name__ == "__main__":

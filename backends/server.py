@@ -317,6 +317,8 @@ def make_parser(
     """The options both services take; environment variables give defaults, CLI wins."""
     env = dict(os.environ) if env is None else env
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    # Every log line names its process ("mma" or "mms"): `make run` shares one terminal.
+    parser.set_defaults(process_name=prog.rsplit(".", 1)[-1])
     env_port = _env_int(env, port_env)
     env_health = _env_int(env, health_env)
     parser.add_argument("--host", default="127.0.0.1",
@@ -358,7 +360,8 @@ def run(
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        format=f"%(asctime)s {getattr(args, 'process_name', 'backend')} %(name)s "
+               "%(levelname)s %(message)s",
     )
     try:
         registry = Registry.load(resolve_models_path(args.models))

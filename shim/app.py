@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -24,7 +24,9 @@ from shim.metrics import Metrics
 from shim.ownership import Ownership
 from shim.proxy import Proxy
 from shim.shadow import Shadow
-from shim.sockets import EndpointInUse
+
+if TYPE_CHECKING:
+    from shim.web import WebServer
 
 log = logging.getLogger("mmshim")
 
@@ -51,6 +53,9 @@ class Shim:
         self.health: HealthServer | None = None
         self.ownership: Ownership | None = None
         self.shadow: Shadow | None = None
+        self.web: WebServer | None = None
+        #: The rollout engine (shim.rollout), added by build_shim.
+        self.rollout: Any = None
         self.extras: list[Any] = []  # admin server, ownership, shadow: started and stopped with us
         #: Called on SIGHUP (set by shim.admin.add_control_plane: reload the config file).
         self.on_reload: Callable[[], None] | None = None
@@ -69,11 +74,11 @@ class Shim:
             self._plug_addons(self.proxy)
             await self._start_extras()
             if self._serve_metrics and self.cfg.shim.metrics:
-                try:
-                    self.metrics.serve(self.cfg.shim.metrics)
-                except OSError as exc:
-                    raise EndpointInUse(f"metrics address {self.cfg.shim.metrics} is already "
-                                        f"in use or not bindable ({exc.strerror})") from None
+                # /metrics, the status page and /api/status, in this loop (shim.web).
+                from shim.web import WebServer
+
+                self.web = WebServer(self, self.cfg.shim.metrics)
+                await self.web.start()
         except Exception:
             await self._close()
             raise
@@ -139,6 +144,8 @@ class Shim:
     async def _close(self, linger_ms: int = 0) -> None:
         if self._gc_task is not None:
             self._gc_task.cancel()
+        if self.web is not None:
+            await self.web.stop()
         for extra in reversed(self.extras):
             stop = getattr(extra, "stop", None)
             if stop is not None:
@@ -238,7 +245,10 @@ def build_shim(cfg: ShimConfig, config_path: Path | None = None, *,
     from shim.admin import add_control_plane
 
     shim = Shim(cfg, config_path, reset_state=reset_state, serve_metrics=serve_metrics)
-    add_control_plane(shim, reset_state=reset_state)
+    from shim.rollout import add_rollout
+
+    controller = add_control_plane(shim, reset_state=reset_state)
+    add_rollout(shim, controller)
     return shim
 
 

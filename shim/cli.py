@@ -11,12 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 from shim import signals
 
@@ -32,7 +28,7 @@ DEFAULT_CONFIG = "config/shim.toml"
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s shim %(levelname)s %(name)s: %(message)s")
 
 
 def _load(path: str) -> ShimConfig:
@@ -93,49 +89,12 @@ def _port(endpoint: str) -> str:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    """The shim and both reference backends on the config's ports, stopped together."""
+    """The shim and both reference backends on the config's ports, stopped together
+    (shim.stack: endpoints checked first, signals forwarded)."""
+    from shim.stack import run_stack
+
     cfg = _load(args.config)
-    models = args.models or cfg.models_file
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-    for name, backend in cfg.backends.items():
-        cmd = [sys.executable, "-m", f"backends.{backend.dialect}",
-               "--port", _port(backend.endpoints[0]), "--models", models]
-        if backend.health:
-            cmd += ["--health-port", _port(backend.health)]
-        procs.append((name, subprocess.Popen(cmd)))
-    shim_cmd = [sys.executable, "-m", "shim.cli", "run", "--config", args.config,
-                "--log-level", args.log_level]
-    procs.append(("shim", subprocess.Popen(shim_cmd)))
-    print(f"mmshim stack: shim on {cfg.shim.listen} (health {cfg.shim.health}), "
-          f"backends {', '.join(cfg.backends)}; Ctrl-C stops all", flush=True)
-
-    stopping = False
-
-    def stop(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    code = 0
-    while not stopping:
-        for name, proc in procs:
-            if proc.poll() is not None:
-                print(f"mmshim stack: {name} exited with {proc.returncode}; stopping all",
-                      file=sys.stderr)
-                code = proc.returncode or 1
-                stopping = True
-        time.sleep(0.2)
-    for _, proc in reversed(procs):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for _, proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    return code
+    return run_stack(cfg, args.config, args.models or cfg.models_file, args.log_level)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -176,8 +135,17 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 # -- dispatch --------------------------------------------------------------------------
 
+def plain_text(doc: str) -> str:
+    """A docstring paragraph for a terminal: RST literals (````x````) lose their backticks
+    and the lines are joined."""
+    return " ".join(doc.replace("``", "").split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmshim", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mmshim", description=plain_text(__doc__.split("\n\n")[0]),
+        epilog="Run `mmshim COMMAND --help` for a command's options; `make run` starts the "
+               "shim and both reference backends (see README.md).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run the shim")
@@ -197,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_backend)
 
     p = sub.add_parser("stack", help="run the shim and both reference backends")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))
     p.add_argument("--models", default="")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_stack)
@@ -226,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="one line per request")
     p.set_defaults(func=cmd_parity)
 
+    from shim.rollout.cli import add_parser as add_rollout_parser
+
+    add_rollout_parser(sub, os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))  # shim.rollout
     add_ctl_parser(sub)  # `mmshim ctl ...`: shim.ctl
     return parser
 

@@ -1,7 +1,8 @@
 """The shim's configuration: msgspec Structs decoded from ``config/shim.toml``.
 
-The Structs are the single source of truth for what the file may say. Decoding rejects
-unknown keys and wrong types with a message naming the field; ``validate`` then checks
+The Structs are the single source of truth for what the file may say. Decoding is strict
+(msgspec's ``strict=True``: ``default_timeout_ms = "4500"`` is an error, not 4500) and
+rejects unknown keys and wrong types with a message naming the field; ``validate`` then checks
 what types cannot express (known backend names, no routing loop, weights not all zero).
 """
 
@@ -197,12 +198,12 @@ def decode_config(raw: dict[str, object], *, source: str = "<config>",
         entries = raw.get(section)
         for name, entry in entries.items() if isinstance(entries, dict) else ():
             try:
-                msgspec.convert(entry, struct, strict=False)
+                msgspec.convert(entry, struct, strict=True)
             except msgspec.ValidationError as exc:
                 where = str(exc).replace("`$", f"`$.{section}.{name}")
                 raise ConfigError(f"{source}: {where}") from None
     try:
-        cfg = msgspec.convert(raw, ShimConfig, strict=False)
+        cfg = msgspec.convert(raw, ShimConfig, strict=True)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     validate(cfg, source)
@@ -312,9 +313,14 @@ def _check_compare(compare: dict[str, dict[str, CompareRule]], source: str) -> N
                 raise _fail(source, f"shadow.compare.{action}", str(exc)) from None
 
 
+#: Slack allowed on the sum of the weights (they are kept to 0.01 %).
+WEIGHT_SUM_SLACK = 0.05
+
+
 def check_weights(weights: dict[str, float], backends: dict[str, BackendConfig] | set[str],
                   source: str = "<weights>", field: str = "weights") -> None:
-    """Weights name known backends, are within 0..100 and are not all zero."""
+    """Weights are percentages: they name known backends, are within 0..100, are not all
+    zero and add up to 100 (backends left out count as 0)."""
     for name, weight in weights.items():
         if name not in backends:
             raise _fail(source, f"{field}.{name}", f"unknown backend {name!r}")
@@ -322,6 +328,49 @@ def check_weights(weights: dict[str, float], backends: dict[str, BackendConfig] 
             raise _fail(source, f"{field}.{name}", f"weight {weight} must be within 0..100")
     if not any(w > 0 for w in weights.values()):
         raise _fail(source, field, "weights must not all be zero")
+    total = sum(weights.values())
+    if abs(total - 100) > WEIGHT_SUM_SLACK:
+        shown = ", ".join(f"{n}={w:g}" for n, w in weights.items())
+        raise _fail(source, field, f"weights are percentages and must add up to 100 "
+                    f"({shown} adds up to {total:g})")
+
+
+def complete_weights(given: dict[str, float], current: dict[str, float],
+                     order: list[str]) -> dict[str, float]:
+    """The weights after an operator sets some of them: the backends not named share what
+    is left of 100 %, in proportion to their current weights (equally when those are all
+    zero). With two backends, ``mms=10`` means mma=90, mms=10.
+
+    Raises ValueError (naming the weights) when the named ones exceed 100, or name every
+    backend and do not add up to 100; the result passes ``check_weights``.
+    """
+    for name, weight in given.items():
+        if name not in order:
+            raise ValueError(f"unknown backend {name!r} (expected one of {', '.join(order)})")
+        if not 0 <= weight <= 100:
+            raise ValueError(f"weight {name}={weight:g} must be within 0..100")
+    if given and len(given) == len(order) and not any(w > 0 for w in given.values()):
+        raise ValueError("weights must not all be zero")
+    rest = [n for n in order if n not in given]
+    left = 100.0 - sum(given.values())
+    shown = ", ".join(f"{n}={w:g}" for n, w in given.items())
+    if not rest:
+        if abs(left) > WEIGHT_SUM_SLACK:
+            raise ValueError(f"weights are percentages and must add up to 100: {shown} adds "
+                             f"up to {100 - left:g}")
+        return {n: float(given[n]) for n in order}
+    if left < -WEIGHT_SUM_SLACK:
+        raise ValueError(f"weights are percentages: {shown} adds up to {100 - left:g}, "
+                         "over 100")
+    left = max(0.0, left)
+    base = {n: max(0.0, current.get(n, 0.0)) for n in rest}
+    total = sum(base.values())
+    share = {n: (base[n] / total if total > 0 else 1 / len(rest)) for n in rest}
+    out = {n: float(given[n]) if n in given else round(left * share[n], 2) for n in order}
+    out[rest[-1]] = round(out[rest[-1]] + 100.0 - sum(out.values()), 2)  # rounding residue
+    if not any(w > 0 for w in out.values()):
+        raise ValueError("weights must not all be zero")
+    return out
 
 
 def _check_endpoint(endpoint: str, source: str, field: str) -> None:

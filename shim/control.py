@@ -29,6 +29,7 @@ from shim.config import (
     Mode,
     ShimConfig,
     check_weights,
+    complete_weights,
     load_config,
 )
 from shim.routing import RoutingTable
@@ -315,7 +316,8 @@ class Controller:
         }
         if self.shim.prober is not None:  # what the health socket no longer tells anyone
             reply["health"] = self.shim.describe_health()
-        for addon, key in (("ownership", "ownership"), ("shadow", "shadow_activity")):
+        for addon, key in (("ownership", "ownership"), ("shadow", "shadow_activity"),
+                           ("rollout", "rollout")):
             obj = getattr(self.shim, addon, None)
             if obj is not None and callable(getattr(obj, "describe", None)):
                 reply[key] = obj.describe()
@@ -336,7 +338,8 @@ class Controller:
 
     async def set_weights(self, args: SetWeights, client: str) -> Reply:
         def change(rt: Runtime) -> Runtime:
-            weights = {**rt.weights, **args.weights}
+            # Percentages: the backends not named share what is left of 100 %.
+            weights = _complete(args.weights, rt.weights, self.backends)
             _check(check_weights, weights, set(self.backends))
             return _with_weights(rt, weights, self.backends)
 
@@ -530,6 +533,14 @@ class Controller:
 def _with_weights(rt: Runtime, weights: dict[str, float], order: Collection[str]) -> Runtime:
     """New weights, keyed in the running backends' order (which fixes the buckets)."""
     return replace(rt, table=RoutingTable({n: float(weights.get(n, 0.0)) for n in order}))
+
+
+def _complete(given: dict[str, float], current: dict[str, float],
+              order: list[str]) -> dict[str, float]:
+    try:
+        return complete_weights(given, current, order)
+    except ValueError as exc:
+        raise CommandError("invalid", str(exc)) from None
 
 
 def _check(check: Callable[..., None], *args: Any) -> None:

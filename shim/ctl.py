@@ -296,9 +296,42 @@ def show_status(reply: dict[str, Any]) -> str:
     lines += ["", _table(rows), ""]
     counts = "   ".join(f"{k} {v}" for k, v in reply["counts"].items())
     lines.append(f"{counts}   in flight {reply['inflight']}")
-    for key in ("ownership", "shadow_activity"):
-        if key in reply:
-            lines.append(f"{key.replace('_', ' ')}: {json.dumps(reply[key], sort_keys=True)}")
+    own = reply.get("ownership")
+    if isinstance(own, dict):
+        lines += ["", _show_ownership(own)]
+    # Sections other components add (shadow activity, rollout, ...): one line each.
+    for key, value in reply.items():
+        if key in _STATUS_SHOWN or key == "ownership":
+            continue
+        lines.append(f"{key.replace('_', ' ')}: {_plain(value)}")
+    return "\n".join(lines)
+
+
+#: Keys of the status reply that show_status lays out itself.
+_STATUS_SHOWN = frozenset({"status", "command", "id", "mode", "safe_backend", "uptime_s",
+                           "overrides", "backends", "shadow", "actions", "counts", "inflight",
+                           "weights", "accepting", "config_path"})
+
+
+def _plain(value: Any) -> str:
+    """A nested JSON value as ``key value, key value`` text (no braces or quotes)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{str(k).replace('_', ' ')} {_plain(v)}"
+                         for k, v in value.items()) or "none"
+    if isinstance(value, list):
+        return ", ".join(_plain(v) for v in value) or "none"
+    return _num(value)
+
+
+def _show_ownership(own: dict[str, Any]) -> str:
+    owners: dict[str, str] = own.get("owners") or {}
+    moving: dict[str, str] = own.get("moving") or {}
+    lines = ["models: " + (", ".join(f"{m} on {b}" for m, b in owners.items()) or "none")]
+    if moving:
+        lines.append("hand-overs: " + ", ".join(f"{m} {how}" for m, how in moving.items()))
+    rest = {k: v for k, v in own.items() if k not in ("owners", "moving")}
+    if rest:
+        lines.append("ownership: " + _plain(rest))
     return "\n".join(lines)
 
 
@@ -416,6 +449,9 @@ def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
     p = command("diffs", "shadow comparisons so far: mismatch rate and paths per action",
                 lambda a: ("diffs", {"top": a.top}), show_diffs)
     p.add_argument("--top", type=int, default=5, help="differing paths shown per action")
+    from shim.rollout.cli import add_ctl_command
+
+    add_ctl_command(command)  # `ctl rollout ...`: shim.rollout.cli
     p = command("call", "send any admin command (e.g. one an addon registered)", req_call,
                 show_json)
     p.add_argument("name", metavar="COMMAND")

@@ -225,9 +225,8 @@ def test_1000_random_changes_under_load_lose_nothing(
         try:
             for _ in range(500):
                 if rng.random() < 0.6:
-                    mma = rng.randint(0, 100)
-                    mms = rng.randint(1 if mma == 0 else 0, 100)
-                    reply = own.call("set_weights", weights={"mma": mma, "mms": mms})
+                    mma = rng.randint(0, 100)  # weights are percentages: they add up to 100
+                    reply = own.call("set_weights", weights={"mma": mma, "mms": 100 - mma})
                 else:
                     reply = own.call("set_mode", mode=rng.choice(["split", "shadow"]))
                 if reply["status"] != "ok":

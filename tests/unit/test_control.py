@@ -87,17 +87,18 @@ async def run(controller: Controller, command: str, **args: Any) -> dict[str, An
     return await controller.execute(command, args, "test-client")
 
 
-async def test_set_weights_keeps_unnamed_backends_and_is_audited_and_saved(
+async def test_set_weights_are_percentages_the_unnamed_backend_takes_the_rest(
         world: tuple[StubShim, Controller], tmp_path: Path) -> None:
     shim, controller = world
     reply = await run(controller, "set_weights", weights={"mms": 25})
-    assert reply["weights"] == {"mma": 100.0, "mms": 25.0}
-    assert reply["changes"] == {"weights.mms": [0.0, 25.0]}
+    assert reply["weights"] == {"mma": 75.0, "mms": 25.0}
+    assert reply["changes"] == {"weights.mma": [100.0, 75.0], "weights.mms": [0.0, 25.0]}
     [line] = audit_lines(tmp_path)
     assert line["client"] == "test-client" and line["command"] == "set_weights"
-    assert line["old"] == {"weights.mms": 0.0} and line["new"] == {"weights.mms": 25.0}
+    assert line["old"] == {"weights.mma": 100.0, "weights.mms": 0.0}
+    assert line["new"] == {"weights.mma": 75.0, "weights.mms": 25.0}
     saved = json.loads((tmp_path / "state.json").read_text())
-    assert saved["weights"] == {"mma": 100.0, "mms": 25.0}
+    assert saved["weights"] == {"mma": 75.0, "mms": 25.0}
 
     # The same again is no change: no swap, no audit line.
     swaps = shim.proxy.swaps
@@ -106,7 +107,9 @@ async def test_set_weights_keeps_unnamed_backends_and_is_audited_and_saved(
 
 
 @pytest.mark.parametrize("args, code, message", [
-    ({"weights": {"mma": 0}}, "invalid", "must not all be zero"),
+    ({"weights": {"mma": 0, "mms": 0}}, "invalid", "must not all be zero"),
+    ({"weights": {"mma": 60, "mms": 50}}, "invalid", "must add up to 100"),
+    ({"weights": {"mma": 60, "mms": 30}}, "invalid", "adds up to 90"),
     ({"weights": {"mmx": 5}}, "invalid", "unknown backend"),
     ({"weights": {"mma": 150}}, "invalid", "within 0..100"),
     ({"weights": {"mma": True}}, "bad_request", "weights"),
@@ -239,13 +242,14 @@ async def test_an_invalid_reload_changes_nothing(
 
 async def test_reload_reports_what_needs_a_restart(world: tuple[StubShim, Controller]) -> None:
     shim, controller = world
-    cfg = config(routing={"weights": {"mma": 50, "mms": 50, "mmx": 10}})
+    cfg = config(routing={"weights": {"mma": 50, "mms": 40, "mmx": 10}})
     cfg["backends"]["mmx"] = {"dialect": "mms", "endpoints": ["tcp://127.0.0.1:9999"]}
     cfg["shim"] = {"listen": "tcp://*:5571"}
     shim.config_path.write_text(json.dumps(cfg))
     reply = await run(controller, "reload")
     assert reply["restart_required"] == ["backends.mmx", "shim.listen"]
-    assert shim.proxy.runtime.weights == {"mma": 50.0, "mms": 50.0}  # mmx is not running
+    # mmx is not running: its 10 % are shared by the others in proportion (routing table).
+    assert shim.proxy.runtime.weights == {"mma": 50.0, "mms": 40.0}
 
 
 def test_start_restores_state_and_reset_clears_it(tmp_path: Path) -> None:
