@@ -45,6 +45,9 @@ class Shim:
         self._stop = asyncio.Event()
         self._reload_requested = False
         self._ready = False
+        #: Set by ``mmshim run``: the process exits after the drain, so the drain may hand
+        #: the listening socket back at once (shim.drain).
+        self.exit_after_drain = False
         self._gc_task: asyncio.Task[None] | None = None
         self.ctx = zmq.asyncio.Context()
         self._sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)
@@ -68,6 +71,7 @@ class Shim:
             self._on_sighup() if sig == signal.SIGHUP else self.stop()
         try:
             self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics)
+            self.proxy.release_on_drain = self.exit_after_drain
             self.health = HealthServer(self.ctx, self.cfg.shim.health, self.health_reply,
                                        max_frame_bytes=self.cfg.shim.max_frame_bytes)
             self.prober = HealthProber(self.ctx, self.proxy.pool, self.cfg.health, self.metrics)

@@ -52,6 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # e.g. a non-loopback admin socket without a token
         print(f"mmshim: refusing to start: {exc}", file=sys.stderr)
         return 2
+    shim.exit_after_drain = True  # see below
     try:
         code = run_shim(shim)
     except EndpointInUse as exc:

@@ -192,11 +192,11 @@ def listen_socket(endpoint: str, backlog: int = 100) -> socket.socket | None:
     return sock
 
 
-def release_listener(listener: socket.socket) -> None:
-    """Close the listening socket under libzmq's feet, keeping its descriptor number
-    taken (by an unconnected socket) so that libzmq never touches another file."""
-    placeholder = socket.socket(listener.family, socket.SOCK_STREAM)
-    os.dup2(placeholder.fileno(), listener.fileno())
+def release_listener(fd: int) -> None:
+    """Close the listening socket ``fd`` under libzmq's feet, keeping the descriptor
+    number taken (by an unconnected socket) so that libzmq never touches another file."""
+    placeholder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    os.dup2(placeholder.fileno(), fd)
     placeholder.close()
 
 

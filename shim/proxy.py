@@ -118,12 +118,15 @@ class Proxy:
         #: True once the listening socket was handed back to the kernel (shim.drain): the
         #: frontend must then never be closed; the process exits instead.
         self.listener_released = False
+        #: Whether a drain may release the listener (only a process that exits after the
+        #: drain: ``mmshim run``); otherwise it closes at a quiet moment.
+        self.release_on_drain = False
         #: While draining: when a request last came in or a reply went out (monotonic).
         self._last_activity = 0.0
 
         # Ours, so that a drain can release it (shim.drain); first, so that an endpoint
         # in use leaves no socket behind.
-        self._listener = _listen(cfg.shim.listen)
+        listener = _listen(cfg.shim.listen)
         self.frontend = ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -132,9 +135,18 @@ class Proxy:
         self.frontend.setsockopt(zmq.SNDHWM, cfg.shim.peer_send_hwm)
         self.frontend.setsockopt(zmq.RCVHWM, cfg.shim.peer_recv_hwm)
         self.frontend.setsockopt(zmq.MAXMSGSIZE, cfg.shim.max_frame_bytes)
-        if self._listener is not None:
-            self.frontend.setsockopt(zmq.USE_FD, self._listener.fileno())
-        bind_or_explain(self.frontend, cfg.shim.listen, "listen")  # closes it on failure
+        #: The listening descriptor, owned by libzmq from the bind on (never closed here).
+        self._listen_fd: int | None = None
+        if listener is not None:
+            self.frontend.setsockopt(zmq.USE_FD, listener.fileno())
+        try:
+            bind_or_explain(self.frontend, cfg.shim.listen, "listen")  # closes it on failure
+        except BaseException:
+            if listener is not None:
+                listener.close()
+            raise
+        if listener is not None:
+            self._listen_fd = listener.detach()  # libzmq closes it with the frontend
         self.connections = Connections(loop, self.frontend)
         self._reader = BatchReader(loop, self.frontend, self._on_frames, recv=recv_frames_fd)
         self.backlog = Backlog(loop, self.frontend, peer_bytes=cfg.shim.peer_backlog_bytes,
@@ -424,8 +436,8 @@ class Proxy:
         self.draining = True
         self._last_activity = time.monotonic()
         deadline = self._last_activity + timeout_s
-        if self._listener is not None:
-            release_listener(self._listener)
+        if self._listen_fd is not None and self.release_on_drain:
+            release_listener(self._listen_fd)
             self.listener_released = True
             _RELEASED.append(self.frontend)  # never garbage-collected, so never closed
             self.connections.start_drain()
