@@ -314,7 +314,7 @@ class Controller:
             "uptime_s": round(time.time() - self.shim.started, 3),
             "config_path": str(self.shim.config_path or ""),
         }
-        if self.shim.prober is not None:  # what the health socket no longer tells anyone
+        if getattr(self.shim, "prober", None) is not None:  # no longer on the health socket
             reply["health"] = self.shim.describe_health()
         for addon, key in (("ownership", "ownership"), ("shadow", "shadow_activity"),
                            ("rollout", "rollout")):
