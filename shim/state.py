@@ -210,8 +210,14 @@ def probe_writable(directory: Path) -> str | None:
     """None when a file can be written, flushed and renamed in ``directory``; otherwise
     why not (read-only file system, no permission, disk full)."""
     try:
-        atomic_write(directory / ".mmshim-probe", b"x" * 4096)
-        (directory / ".mmshim-probe").unlink()
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mmshim-probe.", suffix=".tmp", dir=directory)
+        try:  # a unique name: commands probe concurrently
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         return f"{directory}: {exc.strerror or exc}"
     return None
