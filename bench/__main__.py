@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rss", action="store_true",
                    help="long run: RSS growth of one shim over 1,000,000 requests")
     p.add_argument("--rss-requests", type=int, default=1_000_000)
+    p.add_argument("--soak", action="store_true",
+                   help="memory soak: every request kind, slow readers, vanished clients, "
+                        "oversized frames (bench/soak.py)")
+    p.add_argument("--soak-requests", type=int, default=1_000_000)
+    p.add_argument("--soak-every", type=int, default=5_000,
+                   help="hostile clients every N requests")
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 3)")
     p.add_argument("--only", default="", help="comma-separated shim scenarios to run "
                    "(shim-split,shim-xlate,shim-noshadow,shim-shadow,shim-stalled,"
@@ -79,6 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     bench = Bench(group, work, s, eprint)
     try:
+        if args.soak:
+            from bench.soak import run_soak
+
+            result = run_soak(group, work, requests=args.soak_requests,
+                              every=args.soak_every, log=eprint)
+            out["soak"] = result
+            print(json.dumps(result, indent=1))
+            print(f"[{'PASS' if result['growth_ok'] else 'FAIL'}] RSS growth "
+                  f"{result['growth_mb']:+.1f} MB (limit 10): baseline "
+                  f"{result['rss_baseline_mb']} MB -> after {result['rss_after_mb']} MB")
+            print(f"[{'PASS' if result['peak_ok'] else 'FAIL'}] RSS peak "
+                  f"{result['rss_peak_mb']} MB (limit 2x baseline)")
+            ok = True
+            return 0
         if args.rss:
             code = _rss_only(args, bench, out, started)
             ok = code == 0

@@ -11,7 +11,8 @@ without an empty delimiter frame; the envelope comes back as it went out)::
 never a change), ``bad_request`` (not JSON, not an object, bad arguments),
 ``unknown_command``, ``invalid`` (a value out of range, an unknown backend), ``refused``,
 ``invalid_config`` (a reload of a broken file; nothing changed), ``drain_timeout``,
-``busy``, ``internal``. The commands themselves are in shim.control.
+``busy``, ``read_only`` (the state directory cannot be written: no change is made),
+``internal``. The commands themselves are in shim.control.
 
 The token comes from ``shim.admin_token_file`` or ``MMSHIM_TOKEN``. Without either the
 shim will not bind the admin socket to a non-loopback address; on loopback it makes a
@@ -42,7 +43,7 @@ from shim.config import ConfigError, ShimSection, is_loopback
 from shim.control import CommandError, Controller
 from shim.metrics import Metrics
 from shim.sockets import bind_or_explain
-from shim.state import StateFile, atomic_write
+from shim.state import StateFile, atomic_write, clean_stale
 
 if TYPE_CHECKING:
     from shim.app import Shim
@@ -109,12 +110,19 @@ def resolve_token(shim: ShimSection, env: Mapping[str, str] = os.environ) -> Adm
             f"token is configured (set shim.admin_token_file or {TOKEN_ENV}); refusing to "
             "open the admin socket to the network")
     path = generated_token_path(shim)
+    with contextlib.suppress(OSError, ValueError):  # made by an earlier start: keep it
+        if not path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            return AdminToken(read_token_file(path).encode(), f"generated earlier, in {path}")
     token = secrets.token_urlsafe(32)
     try:
         atomic_write(path, token.encode() + b"\n", mode=0o600)
     except OSError as exc:
-        raise ConfigError(f"cannot write the generated admin token to {path}: "
-                          f"{exc.strerror}") from None
+        # A read-only or full state directory must not stop the data path: serve, and
+        # let operators in with MMSHIM_TOKEN or shim.admin_token_file after a restart.
+        log.warning("cannot write the generated admin token to %s (%s): admin requests are "
+                    "refused until a token is configured (%s or shim.admin_token_file)",
+                    path, exc.strerror, TOKEN_ENV)
+        return AdminToken(b"", f"none: {path} not writable")
     return AdminToken(token.encode(), f"generated, in {path}")
 
 
@@ -238,6 +246,8 @@ def add_control_plane(shim: Shim, *, reset_state: bool = False,
     and the admin socket when ``shim.admin`` is set. Raises ConfigError when the admin
     socket would be open to the network without a token."""
     section = shim.cfg.shim
+    for stale in clean_stale(Path(section.state_file).parent):
+        log.warning("removed %s, left by an interrupted write", stale)
     controller = Controller(shim, StateFile(Path(section.state_file)),
                             AuditLog(audit_path(section)), reset_state=reset_state)
     shim.extras.append(controller)

@@ -4,6 +4,8 @@ stopped together."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import logging
 import signal
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
+from shim import signals
 from shim.config import ShimConfig
 from shim.ejection import Ejector
 from shim.health import HealthProber, HealthServer, vram_of
@@ -43,6 +46,11 @@ class Shim:
         self._reset_state = reset_state
         self._stop = asyncio.Event()
         self._reload_requested = False
+        self._ready = False
+        #: Set by ``mmshim run``: the process exits after the drain, so the drain may hand
+        #: the listening socket back at once (shim.drain).
+        self.exit_after_drain = False
+        self._gc_task: asyncio.Task[None] | None = None
         self.ctx = zmq.asyncio.Context()
         self._sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)
         self.proxy: Proxy | None = None
@@ -63,9 +71,13 @@ class Shim:
         """Bind everything, serve until SIGTERM/SIGINT, drain, close. Returns an exit code."""
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
+        for sig in signals.take():  # arrived during start-up (shim.signals)
+            self._on_sighup() if sig == signal.SIGHUP else self.stop()
         try:
             self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics)
-            self.health = HealthServer(self.ctx, self.cfg.shim.health, self.describe_health)
+            self.proxy.release_on_drain = self.exit_after_drain
+            self.health = HealthServer(self.ctx, self.cfg.shim.health, self.health_reply,
+                                       max_frame_bytes=self.cfg.shim.max_frame_bytes)
             self.prober = HealthProber(self.ctx, self.proxy.pool, self.cfg.health, self.metrics)
             if self.cfg.ejection.enabled:
                 self.ejector = Ejector(self.proxy.pool.backends, self.cfg.ejection,
@@ -88,16 +100,37 @@ class Shim:
         self.prober.start()
         self.health.start()
         self.proxy.start()
+        if self.cfg.shim.gc_interval_s > 0:
+            self._gc_task = loop.create_task(self._collect_forever(self.cfg.shim.gc_interval_s))
+        self._ready = True
+        if self._reload_requested:
+            self._reload_requested = False
+            self._on_sighup()
         log.info("mmshim listening on %s (health %s, metrics %s); weights %s, mode %s",
                  self.cfg.shim.listen, self.cfg.shim.health, self.cfg.shim.metrics,
                  self.proxy.runtime.weights, self.proxy.runtime.mode)
         await self._stop.wait()
         log.info("shutting down: draining %d requests in flight", self.proxy.inflight)
-        cut = await self.proxy.drain(self.cfg.shim.drain_timeout_s)
+        cut = await self.proxy.drain(self.cfg.shim.drain_timeout_s,
+                                     self.cfg.shim.drain_quiet_ms / 1000)
         if cut:
             log.warning("%d requests did not finish in time and got an error reply", cut)
-        await self._close()
+        await self._close(linger_ms=1000)
         return 0
+
+    async def _collect_forever(self, interval_s: float) -> None:
+        """A full collection now and then: memory held only by reference cycles (an
+        exception, its traceback, the frames and the large payloads they reference) is
+        freed within ``interval_s`` instead of whenever generation 2 next runs. Then the
+        C allocator gives its free memory back (glibc ``malloc_trim``: after a large
+        frame is freed, glibc raises its mmap threshold and keeps later large buffers
+        on the heap, where freeing them does not shrink the process)."""
+        trim = _malloc_trim()
+        while True:
+            await asyncio.sleep(interval_s)
+            gc.collect()
+            if trim is not None:
+                trim(0)
 
     def _plug_addons(self, proxy: Proxy) -> None:
         """Behaviour beyond moving requests, in hook order: ownership routes first."""
@@ -123,7 +156,9 @@ class Shim:
                 if asyncio.iscoroutine(result):
                     await result
 
-    async def _close(self) -> None:
+    async def _close(self, linger_ms: int = 0) -> None:
+        if self._gc_task is not None:
+            self._gc_task.cancel()
         if self.web is not None:
             await self.web.stop()
         for extra in reversed(self.extras):
@@ -137,7 +172,9 @@ class Shim:
         if self.health is not None:
             await self.health.stop()
         if self.proxy is not None:
-            self.proxy.close()
+            self.proxy.close(linger_ms)  # replies still queued get linger_ms to go out
+        if self.proxy is not None and self.proxy.listener_released:
+            return  # libzmq must not close the frontend (shim.drain): the process exits
         self.ctx.destroy(linger=0)
 
     def stop(self) -> None:
@@ -149,11 +186,26 @@ class Shim:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
 
     def _on_sighup(self) -> None:
+        if not self._ready:  # start-up is not finished: reload once it is
+            self._reload_requested = True
+            return
         if self.on_reload is None:
             log.warning("SIGHUP ignored: nothing to reload")
         else:
             log.info("SIGHUP: reloading %s", self.config_path)
             self.on_reload()
+
+    def health_reply(self) -> dict[str, Any]:
+        """What the health socket answers anyone: the legacy MMA health fields only
+        (protocol.md, MMA dialect, health), unless ``shim.health_details`` is on.
+        Weights, mode, per-backend state and VRAM are in the admin ``status``."""
+        full = self.describe_health()
+        if self.cfg.shim.health_details:
+            return full
+        details = full["details"]
+        return {"status": full["status"],
+                "details": {"status_message": details["status_message"],
+                            "uptime_seconds": details["uptime_seconds"]}}
 
     def describe_health(self) -> dict[str, Any]:
         """The shim's health reply, in the MMA health shape, backends under ``details``."""
@@ -176,7 +228,8 @@ class Shim:
             }
         serving = any(b["healthy"] for b in backends.values())
         return {
-            "status": "ok" if serving and self.proxy.accepting else "error",
+            "status": "ok" if serving and self.proxy.accepting and not self.proxy.draining
+            else "error",
             "details": {
                 "status_message": "mmshim is proxying the model manager." if serving
                 else "No backend can serve requests.",
@@ -186,6 +239,16 @@ class Shim:
                 "vram": {"used_mb": used_total, "budget_mb": budget_total},
             },
         }
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None on another C library."""
+    try:
+        fn: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6",
+                                               use_errno=True).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return fn
 
 
 def build_shim(cfg: ShimConfig, config_path: Path | None = None, *,

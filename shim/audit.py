@@ -8,6 +8,7 @@ process log has rotated away.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,8 +68,9 @@ class AuditLog:
             **(detail or {}),
         }
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("ab") as f:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as f:  # owner-only: who changed what, from where
                 f.write(msgspec.json.encode(entry) + b"\n")
         except OSError as exc:  # the change is made; losing its record must not undo it
             log.error("cannot append to audit file %s: %s", self.path, exc.strerror)

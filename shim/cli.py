@@ -14,6 +14,12 @@ import os
 import sys
 from pathlib import Path
 
+from shim import signals
+
+# `mmshim run`: a SIGHUP or SIGTERM while the imports below load must not kill us.
+if __name__ == "__main__" and sys.argv[1:2] == ["run"]:
+    signals.hold()
+
 from shim.config import ConfigError, ShimConfig, load_config
 from shim.ctl import add_ctl_parser
 
@@ -46,11 +52,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # e.g. a non-loopback admin socket without a token
         print(f"mmshim: refusing to start: {exc}", file=sys.stderr)
         return 2
+    shim.exit_after_drain = True  # see below
     try:
-        return run_shim(shim)
+        code = run_shim(shim)
     except EndpointInUse as exc:
         print(f"mmshim: {exc}", file=sys.stderr)
         return 3
+    if shim.proxy is not None and shim.proxy.listener_released:
+        # Drained with the listener handed back (shim.drain): libzmq must not tear the
+        # frontend down, so exit here, everything else closed and flushed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -268,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
+        signals.hold()  # until the event loop's own handlers take over (shim.signals)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

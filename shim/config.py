@@ -69,6 +69,33 @@ class ShimSection(Base):
     reconnect_grace_ms: int = 3000
     #: The backend opaque requests go to; empty: the legacy-dialect (MMA) backend.
     opaque_backend: str = ""
+    #: Hard cap on one frame from the network (frontend, health, admin): libzmq drops a
+    #: peer that sends more (ZMQ_MAXMSGSIZE) before buffering it whole. Above the soft
+    #: ``max_request_bytes``, which gets a SHIM_BAD_REQUEST reply instead.
+    max_frame_bytes: int = 64 << 20
+    #: Backend replies larger than this are refused as bad replies (SHIM_BAD_REPLY).
+    max_reply_bytes: int = 32 << 20
+    #: Replies queued per client (ZMQ_SNDHWM): past it, replies to a client that does
+    #: not read are dropped and counted (shim_dropped_replies_total{reason="slow_reader"}).
+    peer_send_hwm: int = 64
+    #: Replies beyond that queue wait in the shim (shim.backlog), up to this many bytes
+    #: per client and ``backlog_bytes`` in all, for at most ``backlog_ttl_s``; then they
+    #: are dropped.
+    peer_backlog_bytes: int = 4 << 20
+    backlog_bytes: int = 64 << 20
+    backlog_ttl_s: float = 10.0
+    #: Requests queued per client before libzmq stops reading its connection (RCVHWM).
+    peer_recv_hwm: int = 1000
+    #: A drain (SIGTERM) closes the frontend at the first moment when nothing is in
+    #: flight and no request came in or reply went out for this long (shim.proxy.drain).
+    drain_quiet_ms: int = 50
+    #: Full garbage collection every this many seconds (0: never), so memory held by
+    #: reference cycles (exceptions and their frames) does not pile up between the
+    #: collector's own generation-2 passes.
+    gc_interval_s: float = 10.0
+    #: The health socket's reply: only the legacy MMA fields (False), or also weights,
+    #: mode, per-backend state and VRAM (True; they are always in the admin ``status``).
+    health_details: bool = False
 
 
 class BackendConfig(Base):
@@ -198,6 +225,9 @@ class ShadowSection(Base):
     diff_log: str = "state/shadow-diffs.jsonl"
     diff_log_max_bytes: int = 10 << 20
     diff_log_backups: int = 3
+    #: Write prompts and generated text into the diff log. Off: each request and reply
+    #: is recorded as its SHA-256, length and shape (keys and types) only.
+    log_payloads: bool = False
     #: field path -> rule, per action; "*" applies to every action.
     compare: dict[str, dict[str, CompareRule]] = msgspec.field(default_factory=dict)
 
@@ -343,6 +373,15 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
                     f"unknown backend {cfg.shim.opaque_backend!r}")
     if cfg.shim.max_request_bytes <= 0:
         raise _fail(source, "shim.max_request_bytes", "must be positive")
+    if cfg.shim.max_frame_bytes < cfg.shim.max_request_bytes:
+        raise _fail(source, "shim.max_frame_bytes",
+                    f"the hard frame cap {cfg.shim.max_frame_bytes} must be at least "
+                    f"shim.max_request_bytes ({cfg.shim.max_request_bytes})")
+    if cfg.shim.max_reply_bytes <= 0:
+        raise _fail(source, "shim.max_reply_bytes", "must be positive")
+    for field in ("peer_send_hwm", "peer_recv_hwm"):
+        if getattr(cfg.shim, field) < 1:
+            raise _fail(source, f"shim.{field}", "must be at least 1")
     first = next(iter(cfg.backends))
     if not cfg.routing.weights:
         cfg.routing.weights = {name: 100.0 if name == first else 0.0 for name in cfg.backends}

@@ -43,6 +43,7 @@ from shim.state import (
     check_rule,
     check_shadow,
     diff,
+    probe_writable,
     rebase,
 )
 
@@ -224,6 +225,10 @@ class Controller:
                 if name not in self.commands:
                     self.register_addon(name, handler)
         path = self.state.path
+        why = probe_writable(path.parent)
+        if why is not None:
+            log.warning("state directory not writable (%s): serving, but runtime changes "
+                        "are refused until it is", why)
         if self._reset_state:
             log.warning("--reset-state: ignoring %s and starting from the config file", path)
             try:
@@ -271,9 +276,16 @@ class Controller:
         """Swap in ``change(current)``, then audit and persist it; after a weight change,
         return only once ownership has it in force (``_ownership_in_force``).
 
-        Nothing here awaits before the swap, so the read-modify-write is atomic with
-        respect to requests and to other commands.
+        Refused (``read_only``) while the state directory cannot be written: a change
+        that would be lost at the next restart is not made. Nothing awaits between
+        reading the current runtime and the swap, so the read-modify-write is atomic
+        with respect to requests and to other commands.
         """
+        why = await asyncio.to_thread(probe_writable, self.state.path.parent)
+        if why is not None:
+            raise CommandError("read_only", f"the state directory cannot be written ({why}); "
+                               "runtime changes are refused until it can, so that none is "
+                               "lost at the next restart")
         old = self.proxy.runtime
         new = change(old)
         changes = {**changes_between(old.describe(), new.describe()), **(extra or {})}
@@ -318,6 +330,8 @@ class Controller:
             "uptime_s": round(time.time() - self.shim.started, 3),
             "config_path": str(self.shim.config_path or ""),
         }
+        if getattr(self.shim, "prober", None) is not None:  # no longer on the health socket
+            reply["health"] = self.shim.describe_health()
         for addon, key in (("ownership", "ownership"), ("shadow", "shadow_activity"),
                            ("rollout", "rollout"), ("ejector", "ejection")):
             obj = getattr(self.shim, addon, None)

@@ -33,7 +33,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from shim.privacy import redact_record
 
 log = logging.getLogger("mmshim.difflog")
 
@@ -69,8 +71,8 @@ class RotatingWriter:
         self.path = Path(path)
         self.max_bytes = max(1, max_bytes)
         self.backups = max(0, backups)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("ab")
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._file = _open_private(self.path, append=True)
         self._size = self._file.tell()
 
     def write(self, line: str) -> None:
@@ -91,11 +93,21 @@ class RotatingWriter:
                 if src.exists():
                     os.replace(src, _backup(self.path, i + 1))
             os.replace(self.path, _backup(self.path, 1))
-        self._file = self.path.open("wb")
+        self._file = _open_private(self.path, append=False)
         self._size = 0
 
     def close(self) -> None:
         self._file.close()
+
+
+def _open_private(path: Path, *, append: bool) -> BinaryIO:
+    """Open for writing, readable by the owner only (0600, whatever the umask)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    f = os.fdopen(fd, "ab" if append else "wb")
+    f.seek(0, os.SEEK_END)
+    return f
 
 
 def _backup(path: Path, i: int) -> Path:
@@ -107,8 +119,12 @@ class DiffLog:
     tallied here and written as a tally record every ``tally_s`` seconds."""
 
     def __init__(self, path: str | Path, max_bytes: int, backups: int, *,
-                 tally_s: float = 2.0, queue_size: int = 10_000) -> None:
+                 tally_s: float = 2.0, queue_size: int = 10_000,
+                 payloads: bool = False) -> None:
+        """``payloads``: write requests and replies as they are (``shadow.log_payloads``);
+        otherwise as hash, length and shape (shim.privacy)."""
         self.path = Path(path)
+        self.payloads = payloads
         self.max_bytes, self.backups = max_bytes, backups
         self._writer = RotatingWriter(path, max_bytes, backups)
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
@@ -160,6 +176,8 @@ class DiffLog:
     # the writer thread -----------------------------------------------------------------
 
     def _line(self, record: dict[str, Any]) -> str:
+        if not self.payloads:
+            record = redact_record(record)
         line = dumps(record)
         if len(line) <= self.max_line:
             return line

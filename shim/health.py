@@ -120,9 +120,11 @@ def vram_of(reply: dict[str, Any]) -> tuple[float | None, float | None]:
 class HealthServer:
     """The shim's health socket, in the MMA health shape: any bytes get the reply."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, describe: Any) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, describe: Any, *,
+                 max_frame_bytes: int = 64 << 20) -> None:
         self._sock = ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)  # faces the network
         bind_or_explain(self._sock, endpoint, "health")  # type: ignore[arg-type]
         self._describe = describe
         self._task: asyncio.Task[None] | None = None

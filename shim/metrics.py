@@ -43,6 +43,10 @@ class Metrics:
                                 ["backend"], registry=r)
         self.unroutable = Counter("shim_unroutable_replies",
                                   "Replies to clients that had gone away", registry=r)
+        self.dropped_replies = Counter(
+            "shim_dropped_replies", "Replies dropped to bound memory, by reason: slow_reader "
+            "(a client's send queue full), backend_too_large (over shim.max_reply_bytes)",
+            ["reason"], registry=r)
         self.failovers = Counter("shim_failovers", "Requests retried on another backend",
                                  ["from_backend", "to_backend"], registry=r)
         self.admin_denied = Counter("shim_admin_denied", "Admin requests refused", ["reason"],

@@ -67,7 +67,7 @@ def models_named(op: Op) -> list[str]:
     ``model_name``). Read-only operations name none."""
     if op.kind in MODEL_KINDS and op.model_id:
         return [op.model_id]
-    if op.kind not in MODEL_KINDS and op.kind is not Kind.OTHER or op.name in NON_LOADING:
+    if (op.kind not in MODEL_KINDS and op.kind is not Kind.OTHER) or op.name in NON_LOADING:
         return []
     raw = op.raw
     found = [v for k in MODEL_FIELDS if isinstance(v := raw.get(k), str) and v]

@@ -166,8 +166,14 @@ class BackendPool:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, ctx: zmq.Context[zmq.Socket[bytes]],
                  backends: dict[str, BackendConfig], health: HealthSection,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, max_reply_bytes: int = 32 << 20,
+                 max_frame_bytes: int = 64 << 20) -> None:
+        """``max_reply_bytes``: larger replies are refused (BackendBadReply);
+        ``max_frame_bytes``: libzmq drops a backend connection that sends a larger frame
+        (ZMQ_MAXMSGSIZE) rather than buffer it."""
         self._loop = loop
+        self._max_reply = max_reply_bytes
+        self._max_frame = max_frame_bytes
         self._ctx = ctx
         self._metrics = metrics
         self._ids = itertools.count(1)
@@ -190,6 +196,7 @@ class BackendPool:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not there
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_frame)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -291,6 +298,11 @@ class BackendPool:
         elif len(frames) != 3 or frames[1]:
             pending.future.set_exception(BackendBadReply(
                 f"backend {endpoint.backend.name} sent {len(frames)} frames, expected 3"))
+        elif len(frames[2]) > self._max_reply:
+            self._metrics.dropped_replies.labels("backend_too_large").inc()
+            pending.future.set_exception(BackendBadReply(
+                f"backend {endpoint.backend.name} sent a reply of {len(frames[2])} bytes, "
+                f"over the {self._max_reply} byte cap (shim.max_reply_bytes)"))
         else:
             pending.future.set_result(frames[2])
 

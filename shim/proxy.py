@@ -9,7 +9,9 @@ addons with four hooks (``Addon``), so the core stays readable.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
@@ -18,18 +20,28 @@ import msgspec
 import zmq
 
 from shim import dialects
+from shim.backlog import Backlog
 from shim.catalogue import load_catalogue
 from shim.config import ShimConfig
 from shim.conversations import Conversations
 from shim.deadlines import Deadlines
 from shim.dedup import Joins, Reply
 from shim.dialects.ops import Form, Kind, Op, Result
+from shim.drain import Connections, listen_socket, release_listener
 from shim.merged import label_devices, merge
 from shim.metrics import Metrics
 from shim.pool import BackendBadReply, BackendError, BackendPool, BackendUnavailable
 from shim.routing import bucket_of, random_bucket
 from shim.runtime import Rule, Runtime, runtime_from_config
-from shim.sockets import BatchReader, Frames, bind_or_explain, send_frames
+from shim.sockets import (
+    BatchReader,
+    EndpointInUse,
+    Frames,
+    bind_or_explain,
+    readable,
+    recv_frames_fd,
+    send_frames,
+)
 
 log = logging.getLogger("mmshim.proxy")
 
@@ -115,17 +127,53 @@ class Proxy:
         #: Once nothing is in flight: requests == replies + unroutable (vanished clients).
         self.counts = {"requests": 0, "replies": 0, "unroutable": 0}
 
+        #: Requests in flight per client connection (descriptor), for the drain.
+        self._open: dict[int, int] = {}
+        self.draining = False
+        #: True once the listening socket was handed back to the kernel (shim.drain): the
+        #: frontend must then never be closed; the process exits instead.
+        self.listener_released = False
+        #: Whether a drain may release the listener (only a process that exits after the
+        #: drain: ``mmshim run``); otherwise it closes at a quiet moment.
+        self.release_on_drain = False
+        #: While draining: when a request last came in or a reply went out (monotonic).
+        self._last_activity = 0.0
+
+        # Ours, so that a drain can release it (shim.drain); first, so that an endpoint
+        # in use leaves no socket behind.
+        listener = _listen(cfg.shim.listen)
         self.frontend = ctx.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # A client that reconnects under the routing id of a closed peer (a REQ re-made
         # with the same identity) takes the id over instead of being ignored.
         self.frontend.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.frontend.setsockopt(zmq.SNDHWM, 100_000)
-        self.frontend.setsockopt(zmq.RCVHWM, 100_000)
-        bind_or_explain(self.frontend, cfg.shim.listen, "listen")
-        self._reader = BatchReader(loop, self.frontend, self._on_frames)
-        self.pool = BackendPool(loop, ctx, cfg.backends, cfg.health, metrics)
+        # Bounded memory per client: a few replies queued (then dropped and counted), a
+        # bounded inbound queue, and no frame above the hard cap ever buffered whole.
+        self.frontend.setsockopt(zmq.SNDHWM, cfg.shim.peer_send_hwm)
+        self.frontend.setsockopt(zmq.RCVHWM, cfg.shim.peer_recv_hwm)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, cfg.shim.max_frame_bytes)
+        #: The listening descriptor, owned by libzmq from the bind on (never closed here).
+        self._listen_fd: int | None = None
+        if listener is not None:
+            self.frontend.setsockopt(zmq.USE_FD, listener.fileno())
+        try:
+            bind_or_explain(self.frontend, cfg.shim.listen, "listen")  # closes it on failure
+        except BaseException:
+            if listener is not None:
+                listener.close()
+            raise
+        if listener is not None:
+            self._listen_fd = listener.detach()  # libzmq closes it with the frontend
+        self.connections = Connections(loop, self.frontend)
+        self._reader = BatchReader(loop, self.frontend, self._on_frames, recv=recv_frames_fd)
+        self.backlog = Backlog(loop, self.frontend, peer_bytes=cfg.shim.peer_backlog_bytes,
+                               total_bytes=cfg.shim.backlog_bytes, ttl_s=cfg.shim.backlog_ttl_s,
+                               on_sent=self._sent_late, on_dropped=self._dropped,
+                               on_unroutable=self._unroutable)
+        self.pool = BackendPool(loop, ctx, cfg.backends, cfg.health, metrics,
+                                max_reply_bytes=cfg.shim.max_reply_bytes,
+                                max_frame_bytes=cfg.shim.max_frame_bytes)
         metrics.export_counts(lambda: self.counts)
         self.set_runtime(self.runtime)
 
@@ -140,52 +188,92 @@ class Proxy:
 
     # -- 1. frontend -----------------------------------------------------------------
 
-    def _on_frames(self, frames: Frames) -> None:
-        """One multipart message from a client: ``[identity..., b"", payload...]``."""
+    def _on_frames(self, message: tuple[Frames, int]) -> None:
+        """One multipart message from a client: ``[identity..., b"", payload]``, and the
+        descriptor of the connection it came on (for the drain: shim.drain)."""
+        frames, fd = message
         self.counts["requests"] += 1
+        if self.draining:
+            self._last_activity = time.monotonic()
+            self.connections.received(fd)
         try:
             split = frames.index(b"", 1)
         except ValueError:
             # A DEALER that sent no delimiter: answer it the way it can read.
             self._bad_request([*frames[:1], b""], None, "envelope",
-                              "missing empty delimiter frame")
+                              "missing empty delimiter frame", fd)
             return
         envelope, body = frames[: split + 1], frames[split + 1 :]
         size = sum(map(len, body))
         if not body:
-            self._bad_request(envelope, None, "frames", "request has no payload frame")
+            self._bad_request(envelope, None, "frames", "request has no payload frame", fd)
         elif size > self._max_bytes:
             self._bad_request(envelope, _sniff_form(body[0]), "too_large",
                               f"request of {size} bytes exceeds the shim's limit of "
-                              f"{self._max_bytes} bytes (shim.max_request_bytes)")
+                              f"{self._max_bytes} bytes (shim.max_request_bytes)", fd)
         elif not self.accepting:
             self._send(envelope, self._error_frames(
-                _peek(body), "SHIM_SHUTTING_DOWN", "the shim is shutting down"))
+                _peek(body), "SHIM_SHUTTING_DOWN", "the shim is shutting down"), fd)
         else:
+            self._open[fd] = self._open.get(fd, 0) + 1
             future: asyncio.Future[Reply] = self._loop.create_future()
             joined = self._joins.by_bytes(tuple(body), future) if self._dedup else None
             if joined is not None:  # a re-send of a request in flight: its reply is ours
-                joined.add_done_callback(lambda f: self._send(envelope, f.result()))
+                joined.add_done_callback(
+                    lambda f: self._answer_joined(envelope, f.result(), fd))
                 return
-            task = self._loop.create_task(self._handle(envelope, body, future))
+            task = self._loop.create_task(self._handle(envelope, body, future, fd))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _send(self, envelope: Frames, reply: Reply) -> None:
+    def _answer_joined(self, envelope: Frames, reply: Reply, fd: int) -> None:
+        self._send(envelope, reply, fd)
+        self._settled(fd)
+
+    def _settled(self, fd: int) -> None:
+        """One request on connection ``fd`` has had its reply sent (for the drain)."""
+        left = self._open.get(fd, 1) - 1
+        if left > 0:
+            self._open[fd] = left
+        else:
+            self._open.pop(fd, None)
+
+    def _send(self, envelope: Frames, reply: Reply, fd: int = -1) -> None:
+        frames = [*envelope, *reply]
+        if self.draining:
+            self._last_activity = time.monotonic()
+            self.connections.sent(fd, sum(map(len, reply)))
+        if self.backlog.holds(envelope[0]):  # behind its earlier replies, in order
+            self.backlog.park(frames)
+            return
         try:
-            send_frames(self.frontend, [*envelope, *reply])
+            send_frames(self.frontend, frames)
             self.counts["replies"] += 1
+        except zmq.Again:
+            # Its send queue is full (shim.peer_send_hwm): wait in the bounded backlog.
+            self.backlog.park(frames)
         except zmq.ZMQError:
-            # ROUTER_MANDATORY: the client has gone (or is not reading); count, move on.
-            self.counts["unroutable"] += 1
-            self.metrics.unroutable.inc()
+            # ROUTER_MANDATORY: the client has gone; count, move on.
+            self._unroutable()
         self._reader.kick()
 
+    def _sent_late(self) -> None:
+        self.counts["replies"] += 1
+        self._reader.kick()
+
+    def _dropped(self, reason: str) -> None:
+        self.counts["unroutable"] += 1
+        self.metrics.dropped_replies.labels(reason).inc()
+
+    def _unroutable(self) -> None:
+        self.counts["unroutable"] += 1
+        self.metrics.unroutable.inc()
+
     def _bad_request(self, envelope: Frames, form: Form | None, reason: str,
-                     message: str) -> None:
+                     message: str, fd: int = -1) -> None:
         self.metrics.bad_requests.labels(reason).inc()
         reply = dialects.error_reply(form or Form.ACTION, "SHIM_BAD_REQUEST", message)
-        self._send(envelope, [_encode(reply)])
+        self._send(envelope, [_encode(reply)], fd)
 
     def _error_frames(self, msg: object, code: str, message: str) -> Reply:
         """The shim's error reply in the caller's form (action, command, model access,
@@ -196,7 +284,7 @@ class Proxy:
     # -- 2..5. one request -----------------------------------------------------------
 
     async def _handle(self, envelope: Frames, body: Frames,
-                      future: asyncio.Future[Reply]) -> None:
+                      future: asyncio.Future[Reply], fd: int = -1) -> None:
         """Serve one request; its reply also answers every duplicate that joined it."""
         started = time.perf_counter()
         rt = self.runtime  # read once: a concurrent change applies to the next request
@@ -240,7 +328,8 @@ class Proxy:
             if not future.done():
                 future.set_result(reply)
             self.metrics.record_request(backend, action, outcome, time.perf_counter() - started)
-            self._send(envelope, reply)
+            self._send(envelope, reply, fd)
+            self._settled(fd)
             if op is not None and backend in self.pool.backends:
                 self._after_reply(op, backend, body[0], reply[0], rt)  # never raises
 
@@ -517,25 +606,77 @@ class Proxy:
     def inflight(self) -> int:
         return len(self._tasks)
 
-    async def drain(self, timeout_s: float) -> int:
-        """Stop accepting, let requests in flight finish, answer the rest with errors.
+    async def drain(self, timeout_s: float, quiet_s: float = 0.05) -> int:
+        """Stop accepting connections, answer every request received (in flight or
+        arriving on a connection already made), close each connection right after its
+        replies have reached the client (shim.drain), and stop when none is left.
 
-        Returns how many had to be cut short.
+        A frontend on ipc:// (no listening socket of ours to release) is closed instead
+        at the first moment when nothing is in flight and nothing came in or went out for
+        ``quiet_s``. At ``timeout_s`` whatever is still in flight is answered
+        SHIM_SHUTTING_DOWN. Returns how many requests had to be cut short.
         """
-        self.accepting = False
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        self.draining = True
+        self._last_activity = time.monotonic()
+        deadline = self._last_activity + timeout_s
+        if self._listen_fd is not None and self.release_on_drain:
+            release_listener(self._listen_fd)
+            self.listener_released = True
+            _RELEASED.append(self.frontend)  # never garbage-collected, so never closed
+            self.connections.start_drain()
+        while time.monotonic() < deadline:
+            if self.listener_released:
+                self.connections.hang_up_answered(self._open)
+                if self.connections.open == 0 and not self._tasks and not self.backlog.bytes:
+                    log.info("drained: every client connection closed after its reply")
+                    return 0
+            elif (not self._tasks and not self.backlog.bytes and not readable(self.frontend)
+                    and time.monotonic() - self._last_activity >= quiet_s):
+                self.close_frontend()
+                return 0
+            await asyncio.sleep(0.005)
+        self.accepting = False  # from now on: SHIM_SHUTTING_DOWN
         cut = list(self._tasks)
         for task in cut:
             task.cancel()
         if cut:
             await asyncio.wait(cut, timeout=1.0)
+        if self.listener_released:  # give the last replies a moment to reach the clients
+            flush_by = time.monotonic() + 1.0
+            while self.connections.open and time.monotonic() < flush_by:
+                self.connections.hang_up_answered(self._open)
+                await asyncio.sleep(0.005)
+            self.connections.hang_up_all()
+        self.close_frontend()
         return len(cut)
 
-    def close(self) -> None:
+    def close_frontend(self, linger_ms: int = 1000) -> None:
+        """Stop reading and close the frontend; queued replies get ``linger_ms`` to go.
+        After the listener was released the socket is left open (see shim.drain)."""
         self._reader.stop()
+        if not self.frontend.closed and not self.listener_released:
+            self.frontend.close(linger_ms)
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the sockets; replies still queued get ``linger_ms`` to be sent."""
+        self.backlog.drop_all()
+        self.connections.close()
+        self.close_frontend(linger_ms)
         self.pool.close()
-        self.frontend.close(0)
+
+
+#: Frontends whose listener was released (shim.drain): libzmq must never close them.
+_RELEASED: list[zmq.Socket[bytes]] = []
+
+
+def _listen(endpoint: str) -> socket.socket | None:
+    try:
+        return listen_socket(endpoint)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise EndpointInUse(f"listen endpoint {endpoint} is already in use "
+                                "(is the old model manager still holding it?)") from None
+        raise EndpointInUse(f"cannot bind listen endpoint {endpoint}: {exc}") from None
 
 
 _MERGED_KINDS = frozenset({Kind.STATUS, Kind.LOADED_STATUS, Kind.HEALTH})

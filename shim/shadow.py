@@ -43,6 +43,7 @@ import msgspec
 import zmq
 
 from shim import dialects
+from shim.bounded import BoundedDict
 from shim.compare import Diff, Rules, RuleSet, compare, generalize, split_noise
 from shim.config import BackendConfig, ShadowSection, ShimConfig
 from shim.dialects import Kind, Op
@@ -64,6 +65,8 @@ _encode = msgspec.json.encode
 #: How long after an unload seen on the data path a model counts as not loaded there,
 #: in poll intervals (the next poll then tells the truth).
 _UNLOAD_GRACE_POLLS = 2
+#: Unloads remembered at most (model names come from clients: shim.bounded).
+MAX_UNLOADED = 10_000
 
 
 class ReplyError(Exception):
@@ -263,7 +266,9 @@ class Shadow:
         #: secondary; (backend, model) -> when the data path saw it unloaded there.
         self.loaded: dict[str, set[str]] = {}
         self.secondary_loaded: dict[str, set[str]] = {}
-        self._unloaded: dict[tuple[str, str], float] = {}
+        #: Bounded: one entry per unload through the shim, kept only while it matters.
+        self._unloaded: BoundedDict[tuple[str, str], float] = BoundedDict(
+            MAX_UNLOADED, ttl_s=_UNLOAD_GRACE_POLLS * self._poll_s)
         self._poller: asyncio.Task[None] | None = None
         self.secondaries: BackendPool | None = None
         twins = {name: BackendConfig(dialect=b.dialect, endpoints=[b.secondary],
@@ -320,7 +325,8 @@ class Shadow:
         s = self._settings
         if self._difflog is None and s.diff_log and not self._log_failed:
             try:
-                self._difflog = DiffLog(s.diff_log, s.diff_log_max_bytes, s.diff_log_backups)
+                self._difflog = DiffLog(s.diff_log, s.diff_log_max_bytes, s.diff_log_backups,
+                                        payloads=s.log_payloads)
             except OSError as exc:
                 log.error("cannot open the diff log %s: %s; not logging diffs", s.diff_log, exc)
                 self._log_failed = True
@@ -426,7 +432,7 @@ class Shadow:
         if unloaded is not None:
             if time.monotonic() - unloaded < _UNLOAD_GRACE_POLLS * self._poll_s:
                 return False
-            del self._unloaded[(backend, model)]
+            self._unloaded.pop((backend, model))
         own = self._ownership
         if own is None:
             return model in self.loaded.get(backend, ())

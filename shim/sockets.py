@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 import zmq.backend
@@ -31,6 +32,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
+_SRCFD = int(zmq.SRCFD)
 
 
 def recv_frames(sock: zmq.Socket[bytes]) -> Frames:
@@ -42,6 +44,19 @@ def recv_frames(sock: zmq.Socket[bytes]) -> Frames:
         frame = recv(_NOBLOCK, copy=False)
         frames.append(frame.bytes)
     return frames
+
+
+def recv_frames_fd(sock: zmq.Socket[bytes]) -> tuple[Frames, int]:
+    """Like recv_frames, with the descriptor of the connection the message came in on
+    (``ZMQ_SRCFD``, zmq_msg_get(3)); -1 when libzmq does not say."""
+    recv = sock.recv
+    frame = recv(_NOBLOCK, copy=False)
+    fd = frame.get(_SRCFD)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = recv(_NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    return frames, fd if isinstance(fd, int) else -1
 
 
 def send_frames(sock: zmq.Socket[bytes], frames: Frames | tuple[bytes, ...]) -> None:
@@ -63,11 +78,16 @@ def readable(sock: zmq.Socket[bytes]) -> bool:
 class BatchReader:
     """Calls ``on_message(frames)`` for every multipart message the socket receives."""
 
-    __slots__ = ("_armed", "_batch", "_fd", "_loop", "_on_message", "_scheduled", "sock")
+    __slots__ = ("_armed", "_batch", "_fd", "_loop", "_on_message", "_recv", "_scheduled",
+                 "sock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket[bytes],
-                 on_message: Callable[[Frames], None], batch: int = 256) -> None:
+                 on_message: Callable[[Any], None], batch: int = 256,
+                 recv: Callable[[zmq.Socket[bytes]], Any] = recv_frames) -> None:
+        """``recv`` reads one message (default ``recv_frames``); ``on_message`` gets what
+        it returns."""
         self.sock = sock
+        self._recv = recv
         self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self._loop = loop
         self._on_message = on_message
@@ -103,12 +123,12 @@ class BatchReader:
         self._scheduled = False
         if not self._armed:
             return
-        sock, on_message = self.sock, self._on_message
+        sock, on_message, recv = self.sock, self._on_message, self._recv
         try:
             for _ in range(self._batch):
                 if not readable(sock):
                     return
-                on_message(recv_frames(sock))
+                on_message(recv(sock))
         except zmq.ZMQError:
             return  # socket closed under us during shutdown
         # More may be queued: yield to other sockets, then continue.

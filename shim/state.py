@@ -163,9 +163,13 @@ def check_rule(action: str, rule: ActionRule, backends: Collection[str]) -> None
 
 # -- the file --------------------------------------------------------------------------
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one.
+
+    The file is owner-only (0600) unless ``mode`` says otherwise; a directory made for it
+    is 0700. A crash can leave the temporary ``.NAME.*.tmp`` behind: ``clean_stale``.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -184,6 +188,39 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def clean_stale(directory: Path) -> list[Path]:
+    """Remove the temporary files that an interrupted ``atomic_write`` left in
+    ``directory`` (``.NAME.XXXXXXXX.tmp``); returns those removed. Call before anything
+    writes there (at start)."""
+    removed: list[Path] = []
+    try:
+        candidates = list(directory.glob(".*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def probe_writable(directory: Path) -> str | None:
+    """None when a file can be written, flushed and renamed in ``directory``; otherwise
+    why not (read-only file system, no permission, disk full)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mmshim-probe.", suffix=".tmp", dir=directory)
+        try:  # a unique name: commands probe concurrently
+            os.write(fd, b"x" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        return f"{directory}: {exc.strerror or exc}"
+    return None
 
 
 def encode_state(state: RuntimeState) -> bytes:

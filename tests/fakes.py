@@ -158,6 +158,9 @@ def main() -> None:
                         help="comma-separated models to report as loaded (real-looking "
                              "status replies)")
     parser.add_argument("--rename", default="text=txt", help="OLD=NEW for --mode rename_field")
+    parser.add_argument("--pad-bytes", type=int, default=0,
+                        help="make each reply this much bigger (garbage: more garbage; "
+                             "otherwise a \"pad\" field)")
     args = parser.parse_args()
     loaded = None if args.loaded is None else [m for m in args.loaded.split(",") if m]
     rename_from, _, rename_to = args.rename.partition("=")
@@ -190,9 +193,11 @@ def main() -> None:
             reply = answer(args.name, args.dialect, request, loaded)
             if args.mode == "rename_field" and rename_from in reply:
                 reply = {rename_to if k == rename_from else k: v for k, v in reply.items()}
+            if args.pad_bytes:
+                reply["pad"] = "x" * args.pad_bytes
             body = json.dumps(reply).encode()
             if args.mode == "garbage":
-                out = [*envelope, b"\xff not json"]
+                out = [*envelope, b"\xff not json" + b"\xfe" * args.pad_bytes]
             elif args.mode == "extra_frames":
                 out = [*envelope, body, b"extra"]
             elif args.mode == "foreign_id":

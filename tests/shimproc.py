@@ -37,7 +37,7 @@ class Fake(Backend):
 
 def start_fake(name: str, dialect: str = "mma", mode: str = "ok", *, delay_ms: int = 0,
                port: int | None = None, health_port: int | None = None,
-               loaded: str | None = None, rename: str = "") -> Fake:
+               loaded: str | None = None, rename: str = "", pad_bytes: int = 0) -> Fake:
     """Run tests/fakes.py (see its options) and wait until its health socket answers."""
     port = port or free_port()
     health_port = health_port or free_port()
@@ -48,6 +48,8 @@ def start_fake(name: str, dialect: str = "mma", mode: str = "ok", *, delay_ms: i
         argv += ["--loaded", loaded]
     if rename:
         argv += ["--rename", rename]
+    if pad_bytes:
+        argv += ["--pad-bytes", str(pad_bytes)]
     fake = Fake(dialect, Proc(argv, cwd=ROOT), port, health_port, name=name)
     req(fake.health_endpoint, b"ping", timeout=10.0)
     return fake
@@ -78,6 +80,21 @@ class ShimProc:
 
     def health(self) -> dict[str, Any]:
         return req(self.health_endpoint, b"?", timeout=5.0)
+
+    def status(self) -> dict[str, Any]:
+        """The admin ``status`` reply (backends, weights, health details and VRAM: what
+        the health socket tells only when ``shim.health_details`` is on)."""
+        from shim.ctl import AdminClient
+
+        section = json.loads(self.config_path.read_text())["shim"]
+        token_file = section.get("admin_token_file") or str(
+            Path(section["state_file"]).with_suffix(".token"))
+        client = AdminClient(self.admin_endpoint, Path(token_file).read_text().strip(),
+                             timeout_s=5.0)
+        try:
+            return client.call("status")
+        finally:
+            client.close()
 
     def metrics(self) -> str:
         import urllib.request

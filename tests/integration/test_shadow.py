@@ -286,6 +286,7 @@ def test_renamed_field_shows_in_the_diff_log_and_the_diffs_report(tmp_path: Path
     cfg = shadow_config(fakes, tmp_path, compare={"status": {"loaded_models": "shape"}})
     cfg["backends"]["mma"]["secondary"] = twin.endpoint
     cfg["ownership"] = {"enabled": False, "poll_interval_ms": 200}
+    cfg["shadow"]["log_payloads"] = True  # this test reads the replies in the log
     shim = start_shim(cfg, tmp_path)
     try:
         wait_for_first_mirror(shim, fakes["mms"])

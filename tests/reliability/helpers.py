@@ -144,8 +144,7 @@ def start_ready(cfg: dict[str, Any], tmp_path: Path) -> ShimProc:
     """
     shim = start_shim(cfg, tmp_path)
     try:
-        wait_until(lambda: all(b["healthy"] for b in
-                               shim.health()["details"]["backends"].values()),
+        wait_until(lambda: all(b["healthy"] for b in shim.status()["backends"].values()),
                    10.0, "every backend healthy")
     except BaseException:
         shim.kill()

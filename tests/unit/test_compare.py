@@ -243,7 +243,7 @@ def mismatch(action: str, *diff_paths: str) -> dict[str, Any]:
 
 def test_difflog_writes_records_and_tallies_that_the_report_reads(tmp_path: Path) -> None:
     path = tmp_path / "diffs.jsonl"
-    log = DiffLog(path, max_bytes=1 << 20, backups=2, tally_s=60)
+    log = DiffLog(path, max_bytes=1 << 20, backups=2, tally_s=60, payloads=True)
     for _ in range(7):
         log.count("status", "match")
     for _ in range(3):
@@ -271,7 +271,7 @@ def test_difflog_writes_records_and_tallies_that_the_report_reads(tmp_path: Path
 
 def test_oversized_records_are_cut_down_not_dropped(tmp_path: Path) -> None:
     path = tmp_path / "diffs.jsonl"
-    log = DiffLog(path, max_bytes=64 * 1024, backups=1, tally_s=60)
+    log = DiffLog(path, max_bytes=64 * 1024, backups=1, tally_s=60, payloads=True)
     record = mismatch("generate", "response_text")
     record["primary_reply"] = {"response_text": "z" * 100_000}
     log.write(record)
