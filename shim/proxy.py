@@ -395,8 +395,10 @@ class Proxy:
     async def _merged(self, op: Op, deadline: float) -> bytes | None:
         """status / GET_LOADED_MODELS_STATUS / HEALTH_CHECK from every connected backend,
         merged (shim.merged); None when no backend answered (the caller routes as usual)."""
-        names = [n for n, b in self.pool.backends.items() if b.connected]
-        timeout = deadline - time.perf_counter()
+        # Healthy backends only (an ejected or failing one is not waited for), and half of
+        # the time left at most: when no answer is usable, routing still has the rest.
+        names = [n for n, b in self.pool.backends.items() if b.healthy]
+        timeout = (deadline - time.perf_counter()) / 2
         if not names or timeout <= 0:
             return None
         answers = await asyncio.gather(*(self.call(n, op.raw, timeout) for n in names),

@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +44,14 @@ def compat_config(mma: Backend, mms: Backend, tmp: Path, weights: tuple[int, int
     return cfg
 
 
+def backends_of(shim: ShimProc) -> dict[str, Any]:
+    """Each backend's state as the shim sees it (healthy, inflight, VRAM): the admin
+    ``status`` reply's health details (the health socket itself tells only the legacy
+    fields)."""
+    backends: dict[str, Any] = shim.status()["health"]["details"]["backends"]
+    return backends
+
+
 def wait_until(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():  # type: ignore[operator]
@@ -51,7 +60,7 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
 
 
 def _mma_gone(shim: ShimProc) -> bool:
-    return not shim.health()["details"]["backends"]["mma"]["healthy"]
+    return not backends_of(shim)["mma"]["healthy"]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +77,7 @@ def target(request: pytest.FixtureRequest,
     shim = start_shim(compat_config(mma, mms, tmp, WEIGHTS[setting]), tmp)
     try:
         wait_until(lambda: all(b["healthy"] for b in
-                               shim.health()["details"]["backends"].values()),
+                               backends_of(shim).values()),
                    20, "both backends healthy")
         if setting == "retired":
             mma.stop()

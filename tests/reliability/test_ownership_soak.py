@@ -123,10 +123,13 @@ class Faults:
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        kinds = ["sweep", "sigstop", "kill", "rollback", "unsafe_rules", "shadow"]
+        # Every kind once first (in a seeded order), so that even a short soak tries them
+        # all; then at random, sweeps twice as often.
+        first = self.rng.sample(kinds, len(kinds))
         try:
             while not self.stop.is_set():
-                fault = self.rng.choice(["sweep", "sweep", "sigstop", "kill", "rollback",
-                                         "unsafe_rules", "shadow"])
+                fault = first.pop() if first else self.rng.choice(["sweep", *kinds])
                 getattr(self, fault)()
                 self.done[fault] += 1
                 self.stop.wait(self.rng.uniform(0.2, 1.0))
