@@ -90,8 +90,11 @@ class OwnerTable:
     moves: dict[str, Move] = field(default_factory=dict)
     #: Requests sent and not yet answered, per (model, backend).
     inflight: Counter[tuple[str, str]] = field(default_factory=Counter)
-    #: Bumped on every change of a model's owner; a poll started before ignores it.
-    version: Counter[str] = field(default_factory=Counter)
+    #: A logical clock, advanced on every change of a model's owner and every load or
+    #: unload reply; ``version[model]`` is the clock at the model's last change. A poll
+    #: started at clock ``since`` ignores models changed after it. Pruned by ``prune``.
+    clock: int = 0
+    version: dict[str, int] = field(default_factory=dict)
     moves_done: int = 0
     moves_cancelled: int = 0
 
@@ -177,7 +180,7 @@ class OwnerTable:
             del self.inflight[key]
         if unloaded or loaded:
             # A fact newer than any poll under way: that poll must not undo it.
-            self.version[model] += 1
+            self._bump(model)
         if model in self.moves:
             return
         if unloaded and self.owners.get(model) == backend:
@@ -227,8 +230,8 @@ class OwnerTable:
 
     # -- facts from the backends' own reports and from the operator -----------------
 
-    def observe(self, backend: str, loaded: Iterable[str], since: dict[str, int]) -> list[str]:
-        """``backend`` reported (to a poll started when ``version`` was ``since``) that it
+    def observe(self, backend: str, loaded: Iterable[str], since: int) -> list[str]:
+        """``backend`` reported (to a poll started when ``clock`` was ``since``) that it
         holds exactly ``loaded``. Returns models it holds that another backend owns
         (duplicates, for the caller to confirm and repair).
 
@@ -240,7 +243,7 @@ class OwnerTable:
         duplicates = []
         for model in held:
             owner = self.owners.get(model)
-            if model in self.shared or self.version[model] != since.get(model, 0):
+            if model in self.shared or self.version.get(model, 0) > since:
                 continue
             if owner is None and model not in self.moves:
                 self._set(model, backend)
@@ -249,7 +252,7 @@ class OwnerTable:
         for model, owner in list(self.owners.items()):
             if (owner == backend and model not in held and model not in self.moves
                     and not self.busy(model, backend)
-                    and self.version[model] == since.get(model, 0)):
+                    and self.version.get(model, 0) <= since):
                 self._set(model, None)
         return duplicates
 
@@ -265,8 +268,20 @@ class OwnerTable:
         self._set(model, None)
         return owner
 
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.version)
+    def snapshot(self) -> int:
+        """The clock now: what a poll starting now passes to ``observe``."""
+        return self.clock
+
+    def prune(self, since: int) -> None:
+        """Forget the change times of models no longer tracked (no owner, no move, no
+        request in flight) that changed at or before ``since``, the snapshot of the
+        oldest poll still under way: such a poll reads them as unchanged, which they
+        are. So a stream of distinct model names does not grow the table."""
+        busy = {model for model, _ in self.inflight}
+        for model in [m for m, v in self.version.items()
+                      if v <= since and m not in self.owners and m not in self.moves
+                      and m not in busy]:
+            del self.version[model]
 
     def suspect(self, alive: Callable[[str], bool]) -> list[str]:
         """Models whose owner is not answering (they stay with it)."""
@@ -277,4 +292,8 @@ class OwnerTable:
             self.owners.pop(model, None)
         else:
             self.owners[model] = backend
-        self.version[model] += 1
+        self._bump(model)
+
+    def _bump(self, model: str) -> None:
+        self.clock += 1
+        self.version[model] = self.clock

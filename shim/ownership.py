@@ -381,6 +381,7 @@ class Ownership:
                 continue
             if await self._confirm_duplicate(model, {owner, *others}):
                 await self._duplicate(model, owner, others)
+        self.table.prune(since)
 
     async def _confirm_duplicate(self, model: str, backends: set[str]) -> bool:
         """Ask again: a model that moved between two polls is not a duplicate."""
