@@ -98,11 +98,13 @@ def resolve_server(shim: ShimSection) -> CurveServer | None:
     if len(missing) == 2 and is_loopback(shim.admin):
         return None
     if missing:
-        why = ("which is not a loopback address, so CURVE is required"
-               if not is_loopback(shim.admin) else "and CURVE is half configured")
-        raise ConfigError(
-            f"shim.admin is {shim.admin}, {why}: set {' and '.join(missing)} (keys from "
-            "`mmshim keys DIR`); refusing to open the admin socket to the network without it")
+        if is_loopback(shim.admin):
+            why, tail = "and CURVE is half configured", "or neither"
+        else:
+            why = "which is not a loopback address, so CURVE is required"
+            tail = "refusing to open the admin socket to the network without it"
+        raise ConfigError(f"shim.admin is {shim.admin}, {why}: set {' and '.join(missing)} "
+                          f"(keys from `mmshim keys DIR`); {tail}")
     try:
         public, secret = load_secret(Path(shim.admin_curve_secret_file))
     except ValueError as exc:
