@@ -18,6 +18,10 @@ The token comes from ``shim.admin_token_file`` or ``MMSHIM_TOKEN``. Without eith
 shim will not bind the admin socket to a non-loopback address; on loopback it makes a
 random token and writes it (mode 0600) next to the state file, where ``mmshim ctl``
 finds it, so only local users who can read that file get in.
+
+Beyond loopback the socket is also a CURVE server (shim.curve): only clients whose public
+keys are in ``shim.admin_curve_clients_dir`` complete the handshake, and every frame is
+encrypted; the token is still checked inside.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 import zmq
 import zmq.asyncio
+import zmq.auth.asyncio
 
 from shim.audit import AuditLog
 from shim.config import ConfigError, ShimSection, is_loopback
 from shim.control import CommandError, Controller
+from shim.curve import ZAP_DOMAIN, CurveServer, make_server_socket, resolve_server
 from shim.metrics import Metrics
 from shim.sockets import bind_or_explain
 from shim.state import StateFile, atomic_write, clean_stale
@@ -134,9 +140,14 @@ class AdminServer:
     """
 
     def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, token: AdminToken,
-                 controller: Controller, metrics: Metrics) -> None:
+                 controller: Controller, metrics: Metrics,
+                 curve: CurveServer | None = None) -> None:
         self.endpoint = endpoint
         self._ctx = ctx
+        self._curve = curve
+        #: With CURVE: a context of its own, so its ZAP handler judges only this socket.
+        self._own_ctx: zmq.asyncio.Context | None = None
+        self._auth: zmq.auth.asyncio.AsyncioAuthenticator | None = None
         self._token = token
         self._controller = controller
         self._metrics = metrics
@@ -145,13 +156,24 @@ class AdminServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        sock = self._ctx.socket(zmq.ROUTER)
+        ctx = self._ctx
+        if self._curve is not None:
+            ctx = self._own_ctx = zmq.asyncio.Context()
+            self._auth = zmq.auth.asyncio.AsyncioAuthenticator(ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain=ZAP_DOMAIN, location=self._curve.clients_dir)
+        sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        if self._curve is not None:
+            make_server_socket(sock, self._curve)
         bind_or_explain(cast("zmq.Socket[bytes]", sock), self.endpoint, "admin")
         self._sock = sock
         self._loop_task = asyncio.get_running_loop().create_task(self._serve())
-        log.info("admin socket on %s (token: %s)", self.endpoint, self._token.source)
+        security = "none" if self._curve is None else \
+            f"CURVE, {self._curve.clients} client keys in {self._curve.clients_dir}"
+        log.info("admin socket on %s (token: %s; transport security: %s)", self.endpoint,
+                 self._token.source, security)
 
     async def stop(self) -> None:
         tasks = [t for t in (self._loop_task, *self._tasks) if t is not None]
@@ -162,6 +184,10 @@ class AdminServer:
                 await task
         if self._sock is not None:
             self._sock.close(0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._own_ctx is not None:
+            self._own_ctx.term()
 
     async def _serve(self) -> None:
         assert self._sock is not None
@@ -244,7 +270,7 @@ def add_control_plane(shim: Shim, *, reset_state: bool = False,
                       env: Mapping[str, str] = os.environ) -> Controller:
     """Give a Shim its control plane: the Controller (saved state, SIGHUP reload) always,
     and the admin socket when ``shim.admin`` is set. Raises ConfigError when the admin
-    socket would be open to the network without a token."""
+    socket would be open to the network without a token, or without CURVE (shim.curve)."""
     section = shim.cfg.shim
     for stale in clean_stale(Path(section.state_file).parent):
         log.warning("removed %s, left by an interrupted write", stale)
@@ -254,6 +280,7 @@ def add_control_plane(shim: Shim, *, reset_state: bool = False,
     shim.on_reload = controller.reload_from_signal
     if section.admin:
         token = resolve_token(section, env)
+        curve = resolve_server(section)
         shim.extras.append(AdminServer(shim.ctx, section.admin, token, controller,
-                                       shim.metrics))
+                                       shim.metrics, curve))
     return controller

@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rollout_parser(sub, os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))  # shim.rollout
     add_ctl_parser(sub)  # `mmshim ctl ...`: shim.ctl
+    from shim.curve import add_keys_parser
+
+    add_keys_parser(sub)  # `mmshim keys DIR`: shim.curve
     return parser
 
 

@@ -55,6 +55,11 @@ class ShimSection(Base):
     #: Off 5590 (the emotion engine's host port in the deployed stack, protocol.md).
     admin: str = "tcp://127.0.0.1:9571"
     admin_token_file: str = ""
+    #: CURVE for the admin socket (shim.curve): the server's ``.key_secret`` file and a
+    #: directory of authorized clients' ``.key`` files. Required both where ``admin`` is
+    #: beyond loopback; unused (empty) elsewhere unless both are set.
+    admin_curve_secret_file: str = ""
+    admin_curve_clients_dir: str = ""
     state_file: str = "state/shim-state.json"
     #: Soft limit: a larger request is answered SHIM_BAD_REQUEST in the caller's shape.
     #: Real audio requests (TRANSCRIBE_AUDIO, a JSON list of floats) are 1-5 MB.
@@ -325,6 +330,8 @@ def _resolve_paths(cfg: ShimConfig, base_dir: Path) -> None:
     cfg.models_file = resolve(cfg.models_file)
     cfg.shim.state_file = resolve(cfg.shim.state_file)
     cfg.shim.admin_token_file = resolve(cfg.shim.admin_token_file)
+    cfg.shim.admin_curve_secret_file = resolve(cfg.shim.admin_curve_secret_file)
+    cfg.shim.admin_curve_clients_dir = resolve(cfg.shim.admin_curve_clients_dir)
     cfg.shadow.diff_log = resolve(cfg.shadow.diff_log)
     cfg.record.path = resolve(cfg.record.path)
 

@@ -19,7 +19,8 @@ import msgspec
 import zmq
 
 from shim.admin import TOKEN_ENV, generated_token_path, read_token_file
-from shim.config import ACTIONS, ShimSection
+from shim.config import ACTIONS, ShimSection, is_loopback
+from shim.curve import CERT_ENV, SERVER_KEY_ENV, CurveClient, load_client, make_client_socket
 
 ADMIN_ENV = "MMSHIM_ADMIN"
 CONFIG_ENV = "MMSHIM_CONFIG"
@@ -34,12 +35,16 @@ exit codes:
   {REFUSED}  refused: the shim understood the command and did not carry it out
      (invalid value, unknown backend, drain timeout, broken config on reload)
   {USAGE}  usage error (bad arguments, unreadable --config)
-  {UNREACHABLE}  no answer from the admin socket (shim not running, wrong endpoint, timeout)
+  {UNREACHABLE}  no answer from the admin socket (shim not running, wrong endpoint, timeout;
+     also a CURVE key the shim does not list, or no CURVE where the shim requires it)
   {UNAUTHORIZED}  unauthorized (missing or wrong token)
 
 where the endpoint comes from: --admin, ${ADMIN_ENV}, shim.admin in --config.
 where the token comes from: --token-file, ${TOKEN_ENV}, shim.admin_token_file in --config,
 the token a shim without one generated next to its state file (<state_file>.token).
+CURVE (an admin socket beyond loopback): --curve-cert (else ${CERT_ENV}) is this client's
+.key_secret file; --curve-server-key (else ${SERVER_KEY_ENV}, else the public half of
+shim.admin_curve_secret_file in --config) is the shim's public .key file.
 """
 
 
@@ -51,8 +56,11 @@ class AdminClient:
     """A blocking client for the admin socket: one REQ socket, renewed after a timeout."""
 
     def __init__(self, endpoint: str, token: str, timeout_s: float = 5.0,
-                 ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+                 ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+                 curve: CurveClient | None = None) -> None:
         self.endpoint = endpoint
+        #: Keys for a CURVE admin socket (shim.curve); None: a plain connection.
+        self.curve = curve
         self.token = token
         self.timeout_s = timeout_s
         self._ctx = ctx or zmq.Context.instance()
@@ -73,6 +81,8 @@ class AdminClient:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.REQ)
             self._sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                make_client_socket(self._sock, self.curve)
             self._sock.connect(self.endpoint)
         sock = self._sock
         sock.send(payload)
@@ -101,7 +111,7 @@ def read_shim_section(path: Path) -> ShimSection:
     text = path.read_text()
     raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     section = msgspec.convert(raw.get("shim", {}), ShimSection, strict=False)
-    for field in ("state_file", "admin_token_file"):
+    for field in ("state_file", "admin_token_file", "admin_curve_secret_file"):
         value = getattr(section, field)
         if value and not Path(value).is_absolute():
             setattr(section, field, str((path.parent / value).resolve()))
@@ -162,6 +172,27 @@ def _config_section(config: str | None) -> ShimSection:
     section = ShimSection()  # the defaults, relative to here
     section.state_file = str(Path(section.state_file).resolve())
     return section
+
+
+def resolve_curve(args: argparse.Namespace) -> CurveClient | None:
+    """The CURVE keys to connect with: None when neither this client's certificate nor
+    the shim's public key is given anywhere. UsageError when only one is, or a file
+    cannot be used (see EPILOG for where each comes from)."""
+    cert = getattr(args, "curve_cert", None) or os.environ.get(CERT_ENV, "").strip()
+    server = getattr(args, "curve_server_key", None) or \
+        os.environ.get(SERVER_KEY_ENV, "").strip()
+    if cert and not server:
+        section = _config_section(getattr(args, "config", None))
+        server = section.admin_curve_secret_file  # its public half is the server key
+    if not cert and not server:
+        return None
+    if not cert or not server:
+        raise UsageError("CURVE needs both --curve-cert (this client's .key_secret) and "
+                         "--curve-server-key (the shim's .key)")
+    try:
+        return load_client(Path(cert), Path(server))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 class UsageError(Exception):
@@ -395,6 +426,13 @@ def _common_options() -> argparse.ArgumentParser:
     p.add_argument("--config", default=s, metavar="FILE",
                    help=f"the shim's config file (default: ${CONFIG_ENV}, else "
                         f"{DEFAULT_CONFIG})")
+    p.add_argument("--curve-cert", default=s, metavar="FILE",
+                   help=f"this client's CURVE secret certificate (.key_secret, from `mmshim "
+                        f"keys`) for a shim whose admin socket is beyond loopback "
+                        f"(default: ${CERT_ENV})")
+    p.add_argument("--curve-server-key", default=s, metavar="FILE",
+                   help=f"the shim's public CURVE certificate (.key) (default: "
+                        f"${SERVER_KEY_ENV}, else shim.admin_curve_secret_file in --config)")
     p.add_argument("--json", action="store_true", default=s,
                    help="print the raw JSON reply (for scripts)")
     p.add_argument("--timeout", type=float, default=s, metavar="S",
@@ -497,6 +535,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         command, body = args.build(args)
         endpoint, token = resolve_target(args)
+        curve = resolve_curve(args)
     except UsageError as exc:
         print(f"mmshim ctl: {exc}", file=sys.stderr)
         return USAGE
@@ -506,7 +545,10 @@ def run(args: argparse.Namespace) -> int:
     timeout = float(getattr(args, "timeout", 5.0))
     if command == "drain":
         timeout += float(body["timeout_s"])
-    client = AdminClient(endpoint, token, timeout)
+    client = AdminClient(endpoint, token, timeout, curve=curve)
+    if curve is None and endpoint.startswith("tcp://") and not is_loopback(endpoint):
+        print(f"mmshim ctl: note: {endpoint} is not loopback; a shim there requires CURVE "
+              "(--curve-cert and --curve-server-key)", file=sys.stderr)
     try:
         reply = client.request(command, body)
     except Unreachable as exc:
