@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.procs import Backend, req, start_backend
+from tests.reliability.helpers import wait_until
 from tests.shimproc import ROOT, ShimProc, shim_config, start_shim
 
 MODELS_TOML = ROOT / "config" / "models.toml"
@@ -50,13 +50,6 @@ def backends_of(shim: ShimProc) -> dict[str, Any]:
     fields)."""
     backends: dict[str, Any] = shim.status()["health"]["details"]["backends"]
     return backends
-
-
-def wait_until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def _mma_gone(shim: ShimProc) -> bool:

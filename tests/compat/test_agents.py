@@ -14,8 +14,9 @@ from pathlib import Path
 
 import zmq
 
-from tests.compat.conftest import backends_of, compat_config, wait_until
+from tests.compat.conftest import backends_of, compat_config
 from tests.procs import req, start_backend
+from tests.reliability.helpers import wait_until
 from tests.shimproc import shim_config, start_fake, start_shim
 
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "hi", "params": {"max_tokens": 4}}

@@ -10,7 +10,6 @@ import asyncio
 import json
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +24,7 @@ from shim.control import CommandError
 from shim.metrics import Metrics
 from shim.record import Recorder, in_record_sample
 from shim.runtime import Runtime
+from tests.reliability.helpers import wait_until
 
 POLICY = {"fast": "phi-2"}
 RT: Runtime = None  # type: ignore[assignment]  # the Recorder never reads it
@@ -45,13 +45,6 @@ def exchange(rec: Recorder, msg: dict[str, Any], reply: dict[str, Any]) -> None:
     raw_reply = msgspec.json.encode(reply)
     rec.after_send(op, "mma", raw_reply)
     rec.after_reply(op, "mma", msgspec.json.encode(msg), raw_reply, RT)
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "top secret prompt",
@@ -111,7 +104,7 @@ def test_a_full_queue_sheds_and_counts_without_blocking(tmp_path: Path) -> None:
         exchange(rec, GEN, REPLY)  # taken by the writer, which then waits for the lock
         queue_ = rec._queue
         assert queue_ is not None
-        wait_for(queue_.empty)
+        wait_until(queue_.empty, 10.0, "the writer to drain the queue", interval=0.01)
         started = time.perf_counter()
         for _ in range(50):
             exchange(rec, GEN, REPLY)
