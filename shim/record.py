@@ -32,7 +32,6 @@ import logging
 import logging.handlers
 import os
 import queue
-import random
 import threading
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ from shim.config import RecordSection
 from shim.control import CommandError
 from shim.dialects import Op
 from shim.difflog import dumps
-from shim.routing import bucket_of
+from shim.routing import in_sample
 from shim.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -65,14 +64,8 @@ _SAMPLES_KEPT = 100_000  # send times of requests in flight, at most (a leak gua
 
 def in_record_sample(key: object, percent: float) -> bool:
     """Is a request with this sticky key (None: none) among the ``percent`` recorded?
-    A key always gives the same answer; salted apart from routing and shadow buckets."""
-    if percent >= 100:
-        return True
-    if percent <= 0:
-        return False
-    if key is not None:
-        return bucket_of("record:" + str(key)) < percent * 100
-    return random.random() * 100 < percent
+    (shim.routing.in_sample, salted apart from routing and shadow buckets.)"""
+    return in_sample(key, percent, "record")
 
 
 def _decode(raw: bytes) -> Any:

@@ -54,6 +54,22 @@ class RoutingTable:
         return (self.bounds[i] - low) * 100 / BUCKETS
 
 
+def in_sample(key: object, percent: float, salt: str) -> bool:
+    """Is a request with this sticky key (None: none) among ``percent`` % of requests?
+
+    A key always gives the same answer. Its bucket is salted (``salt``: "shadow",
+    "record", ...) so that a sample does not line up with the routing split, which buckets
+    the same key unsalted, nor with another sample. Without a key: at random.
+    """
+    if percent >= 100:
+        return True
+    if percent <= 0:
+        return False
+    if key is not None:
+        return bucket_of(f"{salt}:{key}") < percent * 100
+    return random.random() * 100 < percent
+
+
 def to_units(weights: Mapping[str, float]) -> dict[str, int]:
     """Weights -> buckets summing to exactly BUCKETS (largest remainder, stable order)."""
     total = sum(max(0.0, w) for w in weights.values())

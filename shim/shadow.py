@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import zmq
 
-from shim import dialects
+from shim import dialects, routing
 from shim.bounded import BoundedDict
 from shim.compare import Diff, Rules, RuleSet, compare, generalize, split_noise
 from shim.config import BackendConfig, ShadowSection, ShimConfig
@@ -50,7 +49,6 @@ from shim.dialects import Kind, Op
 from shim.difflog import DiffLog, Tally, log_files, read_records
 from shim.metrics import Metrics
 from shim.pool import BackendError, BackendPool, BackendTimeout
-from shim.routing import bucket_of
 from shim.runtime import Runtime, ShadowSettings
 
 if TYPE_CHECKING:
@@ -173,19 +171,10 @@ def diff_record(op: Op, primary: str, shadow: str, primary_reply: Any, shadow_re
 
 
 def in_sample(key: object, percent: float) -> bool:
-    """Is a request with this sticky key (None: none) among the ``percent`` mirrored?
-
-    A key always gives the same answer. Its bucket is salted, so that the sample does not
-    line up with the routing split (which buckets the same key unsalted): at weights 50/50
-    and 50 % shadowing, both primaries get mirrored.
-    """
-    if percent >= 100:
-        return True
-    if percent <= 0:
-        return False
-    if key is not None:
-        return bucket_of("shadow:" + str(key)) < percent * 100
-    return random.random() * 100 < percent
+    """Is a request with this sticky key among the ``percent`` mirrored? (Salted apart
+    from the routing split: at weights 50/50 and 50 % shadowing, both primaries get
+    mirrored; see shim.routing.in_sample.)"""
+    return routing.in_sample(key, percent, "shadow")
 
 
 def send_all(pool: BackendPool, backend: str, frames: list[bytes],
