@@ -44,9 +44,10 @@ import zmq.asyncio
 import zmq.auth.asyncio
 
 from shim.audit import AuditLog
-from shim.config import ConfigError, ShimSection, is_loopback
-from shim.control import CommandError, Controller
+from shim.config import ShimSection, is_loopback
+from shim.control import Controller
 from shim.curve import ZAP_DOMAIN, CurveServer, make_server_socket, resolve_server
+from shim.errors import CommandError, ConfigError
 from shim.metrics import Metrics
 from shim.sockets import bind_or_explain
 from shim.state import StateFile, atomic_write, clean_stale

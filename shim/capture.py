@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from shim.dialects.ops import Op
+from shim.errors import CaptureError
 
 VERSION = 1
 
@@ -59,8 +60,6 @@ _MARKER = "redacted"
 _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
 
 
-class CaptureError(ValueError):
-    """A capture that cannot be read: the message names the file and line."""
 
 
 def _digest(value: Any) -> str:

@@ -20,8 +20,9 @@ from shim import signals
 if __name__ == "__main__" and sys.argv[1:2] == ["run"]:
     signals.hold()
 
-from shim.config import ConfigError, ShimConfig, load_config
+from shim.config import ShimConfig, load_config
 from shim.ctl import add_ctl_parser
+from shim.errors import ConfigError
 
 DEFAULT_CONFIG = "config/shim.toml"
 
@@ -43,7 +44,7 @@ def _load(path: str) -> ShimConfig:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from shim.app import build_shim, run_shim
-    from shim.sockets import EndpointInUse
+    from shim.errors import EndpointInUse
 
     _setup_logging(args.log_level)
     cfg = _load(args.config)
@@ -153,7 +154,8 @@ def cmd_capture_convert(args: argparse.Namespace) -> int:
     """A parity corpus as a capture file (JSON lines, version 1)."""
     import json
 
-    from shim.capture import CaptureError, corpus_to_capture
+    from shim.capture import corpus_to_capture
+    from shim.errors import CaptureError
 
     cfg = _load(args.config)
     try:

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
+from shim.errors import PatternError
+
 Rule = Literal["exact", "shape", "ignore"]
 RULES: tuple[Rule, ...] = ("exact", "shape", "ignore")
 
@@ -116,8 +118,6 @@ PARITY_RULES: dict[str, dict[str, Rule]] = {
 }
 
 
-class PatternError(ValueError):
-    """A field-path pattern that cannot be parsed; the message quotes it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ from typing import Literal
 
 import msgspec
 
+from shim.errors import ConfigError
+
 #: Canonical operation names that per-action rules and shadow policies are keyed by.
 ACTIONS = (
     "generate",
@@ -38,8 +40,6 @@ MirrorPolicy = Literal["always", "if_loaded", "never"]
 CompareRule = Literal["exact", "shape", "ignore"]
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file and the field."""
 
 
 class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -436,7 +436,8 @@ def _check_record(record: RecordSection, source: str) -> None:
 
 def _check_compare(compare: dict[str, dict[str, CompareRule]], source: str) -> None:
     """shadow.compare: keys are actions or "*", patterns parse (see shim.compare)."""
-    from shim.compare import PatternError, parse_pattern
+    from shim.compare import parse_pattern
+    from shim.errors import PatternError
 
     for action, rules in compare.items():
         if action != "*" and action not in ACTIONS:

@@ -25,7 +25,6 @@ from shim.audit import AuditLog, Changes, changes_between, format_changes
 from shim.config import (
     MODEL_BOUND_ACTIONS,
     ActionRule,
-    ConfigError,
     MirrorPolicy,
     Mode,
     ShimConfig,
@@ -33,11 +32,11 @@ from shim.config import (
     complete_weights,
     load_config,
 )
+from shim.errors import CommandError, ConfigError, StateError
 from shim.routing import RoutingTable
 from shim.runtime import Runtime, runtime_from_config
 from shim.state import (
     RuntimeState,
-    StateError,
     StateFile,
     apply,
     check_rule,
@@ -63,14 +62,6 @@ MAX_DRAIN_S = 600.0
 LOADING_ACTIONS = frozenset({"generate", "load", "model_access"})
 
 
-class CommandError(Exception):
-    """A command refused; ``code`` is the reply's ``error`` field."""
-
-    def __init__(self, code: str, message: str, **detail: Any) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.detail = detail
 
 
 # -- the arguments of each command (unknown fields are errors that name the field) ------

@@ -29,7 +29,8 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from shim.config import ConfigError, ShimSection, is_loopback
+from shim.config import ShimSection, is_loopback
+from shim.errors import ConfigError
 
 log = logging.getLogger("mmshim.curve")
 

@@ -37,9 +37,8 @@ import msgspec
 
 from shim.config import OwnershipSection
 from shim.dialects import Form, Kind, Op
+from shim.errors import BackendError, OwnedElsewhere
 from shim.owners import Move, OwnerTable, Refuse, Send, StartMove, Wait
-from shim.pool import BackendError
-from shim.proxy import ShimReply
 from shim.routing import bucket_of
 from shim.runtime import Runtime
 
@@ -212,10 +211,9 @@ class Ownership:
             return [decision.backend]
         if isinstance(decision, Refuse):
             self.refused += 1
-            code = ("PROCESSING_ERROR" if op.form is Form.MODEL_ACCESS
-                    else "SHIM_MODEL_OWNED_ELSEWHERE")
-            raise ShimReply(code, f"model {decision.model} is owned by {decision.owner}: "
-                                  f"{decision.reason}; not loading it elsewhere")
+            raise OwnedElsewhere(f"model {decision.model} is owned by {decision.owner}: "
+                                 f"{decision.reason}; not loading it elsewhere",
+                                 "PROCESSING_ERROR" if op.form is Form.MODEL_ACCESS else None)
         # Wait/StartMove: only without an admit hook (an old proxy); the owner keeps it.
         move = self.table.moves.get(decision.model)
         return [move.source] if move is not None else candidates

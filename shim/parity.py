@@ -30,9 +30,10 @@ from typing import Any, TextIO
 
 import zmq
 
-from shim.capture import CaptureError, Exchange, from_corpus, read_corpus
+from shim.capture import Exchange, from_corpus, read_corpus
 from shim.compare import Rules
 from shim.config import BackendConfig, ShimConfig
+from shim.errors import CaptureError
 from shim.metrics import Metrics
 from shim.pool import BackendPool
 from shim.replay import BAD_INPUT, FAIL, PASS, UNREACHABLE, Engine, Side, replay, wait_connected

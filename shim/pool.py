@@ -29,6 +29,12 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from shim.config import BackendConfig, HealthSection
+from shim.errors import (
+    BackendBadReply,
+    BackendLost,
+    BackendTimeout,
+    BackendUnavailable,
+)
 from shim.metrics import Metrics
 from shim.sockets import BatchReader, Frames, send_frames
 
@@ -36,36 +42,6 @@ log = logging.getLogger("mmshim.pool")
 
 #: Deadline buckets per second: the loop's timers have millisecond resolution.
 _TICKS = 1000
-
-
-class BackendError(Exception):
-    """A request did not get a usable reply from a backend."""
-
-    code = "SHIM_BACKEND_ERROR"
-
-
-class BackendUnavailable(BackendError):
-    """No endpoint of the backend is connected (or its queue is full): nothing was sent."""
-
-    code = "SHIM_NO_BACKEND"
-
-
-class BackendLost(BackendError):
-    """The connection dropped while the request was in flight."""
-
-    code = "SHIM_BACKEND_LOST"
-
-
-class BackendTimeout(BackendError):
-    """No reply before the deadline."""
-
-    code = "SHIM_TIMEOUT"
-
-
-class BackendBadReply(BackendError):
-    """The reply's frames were not ``[id, b"", payload]``."""
-
-    code = "SHIM_BAD_REPLY"
 
 
 @dataclass(slots=True)

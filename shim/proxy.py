@@ -28,20 +28,22 @@ from shim.deadlines import Deadlines
 from shim.dedup import Joins, Reply
 from shim.dialects.ops import Form, Kind, Op, Result
 from shim.drain import Connections, listen_socket, release_listener
+from shim.errors import (
+    BackendBadReply,
+    BackendError,
+    BackendUnavailable,
+    BadRequest,
+    Code,
+    EndpointInUse,
+    RequestError,
+    Unsupported,
+)
 from shim.merged import label_devices, merge
 from shim.metrics import Metrics
-from shim.pool import BackendBadReply, BackendError, BackendPool, BackendUnavailable
+from shim.pool import BackendPool
 from shim.routing import bucket_of, random_bucket
 from shim.runtime import Rule, Runtime, runtime_from_config
-from shim.sockets import (
-    BatchReader,
-    EndpointInUse,
-    Frames,
-    bind_or_explain,
-    readable,
-    recv_frames_fd,
-    send_frames,
-)
+from shim.sockets import BatchReader, Frames, bind_or_explain, readable, recv_frames_fd, send_frames
 
 log = logging.getLogger("mmshim.proxy")
 
@@ -87,15 +89,6 @@ class Addon(Protocol):
                     rt: Runtime) -> None:
         """See a successful exchange, after the client has its reply."""
         ...
-
-
-class ShimReply(Exception):
-    """Answer the client with the shim's own error reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class Proxy:
@@ -213,7 +206,7 @@ class Proxy:
                               f"{self._max_bytes} bytes (shim.max_request_bytes)", fd)
         elif not self.accepting:
             self._send(envelope, self._error_frames(
-                _peek(body), "SHIM_SHUTTING_DOWN", "the shim is shutting down"), fd)
+                _peek(body), Code.SHUTTING_DOWN, "the shim is shutting down"), fd)
         else:
             self._open[fd] = self._open.get(fd, 0) + 1
             future: asyncio.Future[Reply] = self._loop.create_future()
@@ -272,7 +265,7 @@ class Proxy:
     def _bad_request(self, envelope: Frames, form: Form | None, reason: str,
                      message: str, fd: int = -1) -> None:
         self.metrics.bad_requests.labels(reason).inc()
-        reply = dialects.error_reply(form or Form.ACTION, "SHIM_BAD_REQUEST", message)
+        reply = dialects.error_reply(form or Form.ACTION, Code.BAD_REQUEST, message)
         self._send(envelope, [_encode(reply)], fd)
 
     def _error_frames(self, msg: object, code: str, message: str) -> Reply:
@@ -303,9 +296,9 @@ class Proxy:
                 return
             try:
                 op = dialects.parse_request(msg, self.policy)
-            except dialects.BadRequest as exc:
+            except BadRequest:
                 self.metrics.bad_requests.labels("unparsable").inc()
-                raise ShimReply("SHIM_BAD_REQUEST", str(exc)) from None
+                raise
             action = op.kind.value
             if self._dedup and op.request_id is not None:
                 joined = self._joins.by_request_id(op.request_id, future)
@@ -313,16 +306,16 @@ class Proxy:
                     backend, reply, op = "joined", list(await asyncio.shield(joined)), None
                     return
             backend, reply = await self._serve(rt, op, msg, body[0], started)
-        except ShimReply as exc:
+        except RequestError as exc:
             outcome, op = exc.code, None
             reply = self._error_frames(msg, exc.code, exc.message)
         except asyncio.CancelledError:
-            outcome, op = "SHIM_SHUTTING_DOWN", None
+            outcome, op = Code.SHUTTING_DOWN, None
             reply = self._error_frames(msg, outcome, "the shim shut down before a reply came")
             raise
         except Exception as exc:  # a bug must cost one error reply, never the shim
             log.exception("internal error handling a request")
-            outcome, op = "SHIM_INTERNAL", None
+            outcome, op = Code.INTERNAL, None
             reply = self._error_frames(msg, outcome, f"internal error: {exc}")
         finally:
             if not future.done():
@@ -377,7 +370,7 @@ class Proxy:
                 return rt
             await _bounded(waiting, deadline)
             rt = self.runtime
-        raise ShimReply("SHIM_TIMEOUT", "the model kept moving; try again")
+        raise RequestError("the model kept moving; try again", Code.TIMEOUT)
 
     # -- the merged view of what is loaded --------------------------------------------
 
@@ -426,8 +419,7 @@ class Proxy:
             # whatever the weights (an MMS-dialect request at 100/0 goes to MMS).
             capable = [n for n in candidates if self._can_serve(op, n)]
             if not capable:
-                raise ShimReply("SHIM_UNSUPPORTED",
-                                f"no backend can serve {op.name or op.kind.value!r}")
+                raise Unsupported(f"no backend can serve {op.name or op.kind.value!r}")
             candidates = capable
         candidates = self.conversations.route(op, candidates)
         chosen = candidates
@@ -457,7 +449,7 @@ class Proxy:
         A candidate whose dialect has no equivalent of the operation is skipped whatever
         the rule says; one that fails is left for the next only when failover is allowed.
         """
-        last: ShimReply | None = None
+        last: RequestError | None = None
         for i, name in enumerate(candidates):
             backend = self.pool.backends[name]
             translate = rule.translate and op.dialect != backend.dialect
@@ -471,7 +463,7 @@ class Proxy:
                     requests = [_encode(r) for r in
                                 dialects.render_request(sent, backend.dialect, self.policy)]
                 except dialects.Unsupported as exc:
-                    last = ShimReply("SHIM_UNSUPPORTED", f"{name} cannot serve this: {exc}")
+                    last = Unsupported(f"{name} cannot serve this: {exc}")
                     continue
             else:
                 requests = [payload]
@@ -491,7 +483,7 @@ class Proxy:
                         raise BackendUnavailable(f"backend {name} is not connected")
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
-                    raise ShimReply("SHIM_TIMEOUT", "deadline passed before a backend was free")
+                    raise RequestError("deadline passed before a backend was free", Code.TIMEOUT)
                 timeout = min(remaining, backend.config.timeout_ms / 1000)
                 if len(requests) == 1:  # the common case, without gather's extra Future
                     replies = [await self.pool.request(name, requests[0], timeout)]
@@ -502,7 +494,7 @@ class Proxy:
                          else _json_object(replies[0], name))
                 return name, reply
             except BackendError as exc:
-                last = ShimReply(exc.code, str(exc))
+                last = exc
                 if rule.failover and i + 1 < len(candidates):
                     self.metrics.failovers.labels(name, candidates[i + 1]).inc()
                     continue
@@ -510,7 +502,7 @@ class Proxy:
             finally:
                 for addon in self.addons:
                     addon.after_send(op, name, reply)
-        raise last or ShimReply("SHIM_NO_BACKEND", "no backend is available")
+        raise last or BackendUnavailable("no backend is available")
 
     def _translate_reply(self, op: Op, name: str, replies: list[bytes]) -> bytes:
         """Backend ``name``'s replies, read in its dialect and rendered in the caller's.
@@ -578,18 +570,15 @@ class Proxy:
                             if msg is not None or body[0].strip() == b"null" else
                             ("not_json", "request is not valid JSON"))
             self.metrics.bad_requests.labels(reason).inc()
-            raise ShimReply("SHIM_BAD_REQUEST", what)
+            raise BadRequest(what)
         name = self._opaque_backend(rt)
         backend = self.pool.backends[name]
         deadline = started + self._deadlines.ms(rt, "opaque", None, None) / 1000
-        try:
-            if not backend.connected:
-                await self.pool.wait_connected(name, min(
-                    deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
-            timeout = min(deadline - time.perf_counter(), backend.config.timeout_ms / 1000)
-            return name, await self.pool.request_frames(name, list(body), timeout)
-        except BackendError as exc:
-            raise ShimReply(exc.code, str(exc)) from None
+        if not backend.connected:
+            await self.pool.wait_connected(name, min(
+                deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
+        timeout = min(deadline - time.perf_counter(), backend.config.timeout_ms / 1000)
+        return name, await self.pool.request_frames(name, list(body), timeout)
 
     def _opaque_backend(self, rt: Runtime) -> str:
         """``shim.opaque_backend``, else the weighted primary if it speaks MMA, else the
@@ -715,7 +704,7 @@ async def _bounded(waiting: Awaitable[None], deadline: float) -> None:
     try:
         await asyncio.wait_for(waiting, max(0.0, remaining))
     except TimeoutError:
-        raise ShimReply("SHIM_TIMEOUT", "timed out waiting for a model hand-over") from None
+        raise RequestError("timed out waiting for a model hand-over", Code.TIMEOUT) from None
 
 
-__all__ = ["Addon", "Form", "Proxy", "ShimReply"]
+__all__ = ["Addon", "Form", "Proxy"]

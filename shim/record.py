@@ -42,9 +42,9 @@ from prometheus_client import Counter
 
 from shim.capture import exchange_record
 from shim.config import RecordSection
-from shim.control import CommandError
 from shim.dialects import Op
 from shim.difflog import dumps
+from shim.errors import CommandError
 from shim.routing import in_sample
 from shim.runtime import Runtime
 

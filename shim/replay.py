@@ -53,14 +53,15 @@ import msgspec
 import zmq
 
 from shim import dialects
-from shim.capture import CaptureError, Exchange, read_capture, redact, unredact
+from shim.capture import Exchange, read_capture, redact, unredact
 from shim.compare import Rules, generalize
 from shim.config import BackendConfig, HealthSection, ShimConfig
 from shim.dialects import Kind, Op
 from shim.dialects.ops import Dialect
 from shim.difflog import Tally, dumps
+from shim.errors import BackendError, BackendTimeout, CaptureError
 from shim.metrics import Metrics
-from shim.pool import BackendError, BackendPool, BackendTimeout
+from shim.pool import BackendPool
 from shim.shadow import ReplyError, caller_reply, diff_record, judge, requests_for, send_all
 
 #: Exit codes: 0 within the threshold, 1 above it, 2 unusable input, 3 unreachable.

@@ -47,8 +47,9 @@ from shim.compare import Diff, Rules, RuleSet, compare, generalize, split_noise
 from shim.config import BackendConfig, ShadowSection, ShimConfig
 from shim.dialects import Kind, Op
 from shim.difflog import DiffLog, Tally, log_files, read_records
+from shim.errors import BackendError, BackendTimeout
 from shim.metrics import Metrics
-from shim.pool import BackendError, BackendPool, BackendTimeout
+from shim.pool import BackendPool
 from shim.runtime import Runtime, ShadowSettings
 
 if TYPE_CHECKING:

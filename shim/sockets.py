@@ -22,6 +22,8 @@ from typing import Any
 import zmq
 import zmq.backend
 
+from shim.errors import EndpointInUse
+
 Frames = list[bytes]
 
 _base_send = zmq.backend.Socket.send
@@ -151,5 +153,3 @@ def bind_or_explain(sock: zmq.Socket[bytes], endpoint: str, role: str) -> None:
         raise EndpointInUse(f"cannot bind {role} endpoint {endpoint}: {exc}") from None
 
 
-class EndpointInUse(RuntimeError):
-    """A listen, health or admin endpoint could not be bound."""

@@ -21,14 +21,13 @@ from pathlib import Path
 import msgspec
 
 from shim.config import ACTIONS, STATEFUL_ACTIONS, ActionRule, Mode, check_weights
+from shim.errors import StateError
 from shim.routing import RoutingTable
 from shim.runtime import Runtime, resolve_rules
 
 STATE_VERSION = 1
 
 
-class StateError(ValueError):
-    """A state file that cannot be read or does not fit the running config."""
 
 
 class ShadowOverride(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shim.sockets import EndpointInUse
+from shim.errors import EndpointInUse
 from shim.status import StatusBoard
 
 if TYPE_CHECKING:

@@ -21,18 +21,8 @@ from datetime import datetime
 from typing import Any
 
 from shim.dialects import mma, mms
-from shim.dialects.ops import (
-    BadRequest,
-    Dialect,
-    Form,
-    Kind,
-    Malformed,
-    ModelInfo,
-    Op,
-    Params,
-    Result,
-    Unsupported,
-)
+from shim.dialects.ops import Dialect, Form, Kind, ModelInfo, Op, Params, Result
+from shim.errors import BadRequest, Code, Malformed, Unsupported
 
 __all__ = [
     "MMS_ONLY_ACTIONS",
@@ -123,11 +113,11 @@ def parse_reply(op: Op, target: str, replies: list[Any]) -> Result:
             return mms.parse_reply(op, replies)
         raise Unsupported(f"unknown backend dialect {target!r}")
     except Malformed as exc:
-        return _failed(op, replies, "SHIM_BAD_REPLY", f"unusable {target} reply: {exc}")
+        return _failed(op, replies, Code.BAD_REPLY, f"unusable {target} reply: {exc}")
     except Unsupported as exc:
-        return _failed(op, replies, "SHIM_UNSUPPORTED", str(exc))
+        return _failed(op, replies, Code.UNSUPPORTED, str(exc))
     except Exception as exc:  # a reader bug must cost one error reply, not the request
-        return _failed(op, replies, "SHIM_BAD_REPLY",
+        return _failed(op, replies, Code.BAD_REPLY,
                        f"unusable {target} reply: {type(exc).__name__}: {exc}")
 
 
@@ -144,7 +134,7 @@ def render_reply(op: Op, result: Result) -> dict[str, Any]:
             return mms.render_reply(op, result)
         return mma.render_reply(op, result)
     except Exception as exc:
-        return error_reply(op.form, "SHIM_INTERNAL", f"cannot render the reply: {exc}", op.raw)
+        return error_reply(op.form, Code.INTERNAL, f"cannot render the reply: {exc}", op.raw)
 
 
 def error_reply(form: Form, code: str, message: str,

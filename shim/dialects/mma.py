@@ -21,12 +21,10 @@ from shim.dialects.ops import (
     AccessInfo,
     Form,
     Kind,
-    Malformed,
     ModelInfo,
     Op,
     Params,
     Result,
-    Unsupported,
     error_text,
     get_bool,
     get_dict,
@@ -38,6 +36,7 @@ from shim.dialects.ops import (
     loose_str,
     request_id_of,
 )
+from shim.errors import Code, Malformed, Unsupported
 
 MMS_DEFAULT_MAX_TOKENS = 1024
 """generate_text's default: sent explicitly so an MMS caller keeps its semantics on MMA."""
@@ -469,7 +468,7 @@ def _render_access(op: Op, r: Result) -> dict[str, Any]:
 def _render_other(op: Op, r: Result) -> dict[str, Any]:
     # Only reached when the backend's reply was not an object.
     return _failure(op, Result(ok=False, message="backend reply is not a JSON object",
-                               error_code="SHIM_BAD_REPLY"))
+                               error_code=Code.BAD_REPLY))
 
 
 _RENDERERS = {

@@ -20,12 +20,10 @@ from shim.dialects.ops import (
     AccessInfo,
     Form,
     Kind,
-    Malformed,
     ModelInfo,
     Op,
     Params,
     Result,
-    Unsupported,
     error_text,
     get_bool,
     get_dict,
@@ -36,6 +34,7 @@ from shim.dialects.ops import (
     loose_str,
     request_id_of,
 )
+from shim.errors import Code, Malformed, Unsupported
 
 MMA_DEFAULT_MAX_TOKENS = 256
 """MMA generate's default: sent explicitly because MMS's own default (1024) is larger."""
@@ -339,7 +338,7 @@ def render_reply(op: Op, r: Result) -> dict[str, Any]:
         reply = r.raw[0] if len(r.raw) == 1 else None
         if r.source == "mms" and isinstance(reply, dict):
             return reply
-        return error_body(op, r.error_code or "SHIM_BAD_REPLY",
+        return error_body(op, r.error_code or Code.BAD_REPLY,
                           r.message or "backend reply is not a JSON object")
     if not r.ok:
         return error_body(op, r.error_code, r.message or "request failed")

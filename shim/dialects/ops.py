@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from shim.errors import BadRequest, Malformed
+
 Dialect = Literal["mma", "mms"]
 """The two wire dialects: ``"mma"`` (legacy ModelManagerAgent) and ``"mms"`` (ModelManagerSuite)."""
 
@@ -147,23 +149,6 @@ class Result(msgspec.Struct, kw_only=True):
 
 
 # --- errors -------------------------------------------------------------------------
-
-
-class BadRequest(ValueError):
-    """A request the shim cannot even parse into an operation (answer: SHIM_BAD_REQUEST).
-
-    Only structurally unusable input is a BadRequest (a field of the wrong JSON type).
-    A well-formed request that a backend would refuse, e.g. a model access request
-    without ``model_id``, parses fine and is answered the way the backend answers it.
-    """
-
-
-class Unsupported(Exception):
-    """The target backend cannot serve this operation (answer: SHIM_UNSUPPORTED)."""
-
-
-class Malformed(Exception):
-    """A backend reply the shim cannot use; becomes a failed Result (SHIM_BAD_REPLY)."""
 
 
 # --- typed field access -------------------------------------------------------------

@@ -9,8 +9,9 @@ import sys
 import time
 from typing import Any
 
-from shim.config import ConfigError, load_config
-from shim.rollout.plan import PlanError, format_check, load_plan, resolve
+from shim.config import load_config
+from shim.errors import ConfigError, PlanError
+from shim.rollout.plan import format_check, load_plan, resolve
 
 VERBS = ("status", "start", "pause", "resume", "abort", "promote")
 

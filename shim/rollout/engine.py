@@ -33,8 +33,8 @@ import msgspec
 from prometheus_client import Counter, Gauge
 
 from shim.config import Mode
-from shim.control import CommandError
 from shim.dialects import Op
+from shim.errors import CommandError, PlanError
 from shim.rollout.gates import (
     Evidence,
     GateResult,
@@ -44,15 +44,7 @@ from shim.rollout.gates import (
     shadow_gate,
     vram_gate,
 )
-from shim.rollout.plan import (
-    Plan,
-    PlanError,
-    Step,
-    baseline_weights,
-    decode_plan,
-    model_names,
-    resolve,
-)
+from shim.rollout.plan import Plan, Step, baseline_weights, decode_plan, model_names, resolve
 from shim.rollout.probes import Prober
 from shim.routing import RoutingTable
 from shim.runtime import Runtime

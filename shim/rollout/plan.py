@@ -27,14 +27,13 @@ from typing import Any, Literal
 import msgspec
 
 from shim.config import ShimConfig
+from shim.errors import PlanError
 from shim.routing import BUCKETS, RoutingTable, bucket_of
 
 GateName = Literal["errors", "timeouts", "latency", "shadow", "vram"]
 ALL_GATES: tuple[GateName, ...] = ("errors", "timeouts", "latency", "shadow", "vram")
 
 
-class PlanError(ValueError):
-    """A plan that cannot run; the message names the plan and the stage."""
 
 
 class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from shim import dialects
 from shim.capture import (
-    CaptureError,
     Exchange,
     corpus_to_capture,
     exchange_record,
@@ -24,6 +23,7 @@ from shim.capture import (
     unredact,
 )
 from shim.dialects import Op
+from shim.errors import CaptureError
 from shim.replay import chain_keys, parse_speed, schedule
 
 POLICY = {"fast": "phi-2", "quality": "mistral-7b", "fallback": "tinyllama"}

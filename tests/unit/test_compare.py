@@ -11,7 +11,6 @@ import pytest
 
 from shim.compare import (
     DEFAULT_RULES,
-    PatternError,
     Rules,
     RuleSet,
     compare,
@@ -20,8 +19,9 @@ from shim.compare import (
     parse_pattern,
     split_noise,
 )
-from shim.config import ConfigError, decode_config
+from shim.config import decode_config
 from shim.difflog import DiffLog, RotatingWriter, Tally, log_files, read_records
+from shim.errors import ConfigError, PatternError
 from shim.shadow import in_sample
 
 

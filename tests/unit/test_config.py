@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.config import ConfigError, decode_config, load_config, same_endpoint
+from shim.config import decode_config, load_config, same_endpoint
+from shim.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,8 @@ import pytest
 
 from shim.audit import AuditLog
 from shim.config import ShimConfig, load_config
-from shim.control import CommandError, Controller
+from shim.control import Controller
+from shim.errors import CommandError
 from shim.metrics import Metrics
 from shim.runtime import Runtime, runtime_from_config
 from shim.state import RuntimeState, StateFile

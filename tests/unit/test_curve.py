@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shim.config import ConfigError, ShimSection
+from shim.config import ShimSection
 from shim.curve import load_client, resolve_server, write_key_pair
+from shim.errors import ConfigError
 
 
 def test_curve_is_off_on_loopback_and_ipc_unless_configured() -> None:

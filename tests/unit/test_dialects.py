@@ -15,10 +15,8 @@ import msgspec
 import pytest
 
 from shim.dialects import (
-    BadRequest,
     Form,
     Kind,
-    Unsupported,
     detect_dialect,
     error_reply,
     form_of,
@@ -27,6 +25,7 @@ from shim.dialects import (
     render_reply,
     render_request,
 )
+from shim.errors import BadRequest, Unsupported
 
 POLICY = {"fast": "phi-2", "quality": "mistral-7b", "fallback": "tinyllama",
           "stt": "whisper-small", "tts": "piper"}

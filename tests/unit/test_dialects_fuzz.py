@@ -12,15 +12,8 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shim.dialects import (
-    BadRequest,
-    Kind,
-    Unsupported,
-    parse_reply,
-    parse_request,
-    render_reply,
-    render_request,
-)
+from shim.dialects import Kind, parse_reply, parse_request, render_reply, render_request
+from shim.errors import BadRequest, Unsupported
 
 POLICY = {"fast": "phi-2", "quality": "mistral-7b", "stt": "whisper-small"}
 

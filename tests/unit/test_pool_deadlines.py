@@ -12,8 +12,9 @@ import asyncio
 import zmq
 
 from shim.config import BackendConfig, HealthSection
+from shim.errors import BackendTimeout
 from shim.metrics import Metrics
-from shim.pool import BackendPool, BackendTimeout
+from shim.pool import BackendPool
 from tests.procs import free_port
 
 

@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 
 from shim import dialects
 from shim.config import RecordSection
-from shim.control import CommandError
+from shim.errors import CommandError
 from shim.metrics import Metrics
 from shim.record import Recorder, in_record_sample
 from shim.runtime import Runtime

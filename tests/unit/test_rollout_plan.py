@@ -11,15 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shim.config import load_config
-from shim.rollout.plan import (
-    PlanError,
-    decode_plan,
-    format_check,
-    load_plan,
-    resolve,
-    served_by,
-    weights_for,
-)
+from shim.errors import PlanError
+from shim.rollout.plan import decode_plan, format_check, load_plan, resolve, served_by, weights_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL = ["piper-tts", "mistral-7b", "phi-2", "tinyllama", "whisper-small", "llama-3-8b"]

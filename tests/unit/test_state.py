@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shim.config import ActionRule, decode_config
+from shim.errors import StateError
 from shim.runtime import Runtime, runtime_from_config
 from shim.state import (
     RuntimeState,
     ShadowOverride,
-    StateError,
     StateFile,
     apply,
     atomic_write,

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shim.config import ConfigError, check_weights, complete_weights, decode_config
+from shim.config import check_weights, complete_weights, decode_config
+from shim.errors import ConfigError
 
 ORDER = ["mma", "mms"]
 
