@@ -8,6 +8,7 @@ started.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -126,3 +127,34 @@ def runtime_from_config(cfg: ShimConfig) -> Runtime:
                               max_inflight=s.max_inflight, timeout_ms=s.timeout_ms),
         overrides=dict(cfg.actions),
     )
+
+
+class RuntimeStore:
+    """The one place the Runtime in force lives; the data path reads ``current`` once per
+    request, the control plane replaces it with ``swap``.
+
+    ``swap`` is synchronous and does not yield, so a read-modify-write done without an
+    ``await`` in between is atomic with respect to requests and other commands.
+    Subscribers (``subscribe``) are called synchronously after each swap with
+    ``(old, new)`` (e.g. the weight gauges); slow work belongs in an addon's
+    ``runtime_changed`` hook, which the control plane awaits.
+    """
+
+    def __init__(self, initial: Runtime) -> None:
+        self._current = initial
+        self._subscribers: list[Callable[[Runtime, Runtime], None]] = []
+
+    @property
+    def current(self) -> Runtime:
+        return self._current
+
+    def swap(self, new: Runtime) -> Runtime:
+        """Put ``new`` in force; returns the Runtime it replaced."""
+        old, self._current = self._current, new
+        for subscriber in self._subscribers:
+            subscriber(old, new)
+        return old
+
+    def subscribe(self, subscriber: Callable[[Runtime, Runtime], None]) -> None:
+        self._subscribers.append(subscriber)
+        subscriber(self._current, self._current)

@@ -1,0 +1,1 @@
+"""Behaviour plugged into the data path and the control plane (see ``shim.addons.base``)."""
