@@ -8,10 +8,12 @@ started.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
+from shim.compare import Rules
 from shim.config import ACTIONS, STATEFUL_ACTIONS, ActionRule, MirrorPolicy, Mode, ShimConfig
 from shim.routing import RoutingTable
 
@@ -62,6 +64,10 @@ class Runtime:
     shadow: ShadowSettings
     #: The raw per-action overrides, kept so a change can be persisted and diffed.
     overrides: dict[str, ActionRule] = field(default_factory=dict)
+    #: The load policy (model_pref -> model) used to translate MMA generate requests.
+    policy: Mapping[str, str] = field(default_factory=dict)
+    #: Shadow's compiled compare rules (shim.compare): a reload swaps them with the rest.
+    compare: Rules = field(default_factory=Rules)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -126,6 +132,8 @@ def runtime_from_config(cfg: ShimConfig) -> Runtime:
         shadow=ShadowSettings(percent=s.percent, sticky=s.sticky,
                               max_inflight=s.max_inflight, timeout_ms=s.timeout_ms),
         overrides=dict(cfg.actions),
+        policy=MappingProxyType(dict(cfg.policy)),
+        compare=Rules(cfg.shadow.compare),
     )
 
 

@@ -25,6 +25,7 @@ from shim.dialects.ops import Dialect, Form, Kind, ModelInfo, Op, Params, Result
 from shim.errors import BadRequest, Code, Malformed, Unsupported
 
 __all__ = [
+    "LEGACY",
     "MMS_ONLY_ACTIONS",
     "BadRequest",
     "Dialect",
@@ -43,6 +44,10 @@ __all__ = [
     "render_reply",
     "render_request",
 ]
+
+LEGACY: Dialect = "mma"
+"""The dialect the deployed agents speak on the legacy endpoint (protocol.md): opaque
+requests go to a backend of this dialect, and only its requests get merged views."""
 
 MMS_ONLY_ACTIONS = frozenset({
     "generate_text", "load_model", "unload_model", "list_models", "health_check",
