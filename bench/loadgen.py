@@ -43,6 +43,23 @@ def generate_request(size: int = 200, *, dialect: str = "mma", max_tokens: int =
     return out + b" " * (size - len(out)) if len(out) < size else out
 
 
+#: Distinct payloads a pipelined client cycles through: far more than it keeps in flight,
+#: so the shim's duplicate joins (shim.dedup: same bytes while in flight) never merge two
+#: measured requests into one backend call.
+RING = 1024
+
+
+def payload_ring(payload: bytes, n: int = RING) -> list[bytes]:
+    """``n`` variants of ``payload`` of the same size: the first characters of its
+    ``"prompt"`` value become a hex counter (a payload without a prompt is repeated)."""
+    mark = b'"prompt":"'
+    at = payload.find(mark)
+    if at < 0 or len(payload) < at + len(mark) + 4:
+        return [payload] * n
+    at += len(mark)
+    return [payload[:at] + b"%04x" % i + payload[at + 4:] for i in range(n)]
+
+
 def percentile(sorted_values: list[int] | list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list (0 when empty)."""
     if not sorted_values:
@@ -123,11 +140,12 @@ def _warm(socks: list[zmq.Socket[bytes]], payload: bytes, per_socket: int, windo
           timeout_s: float) -> None:
     """Push ``per_socket`` requests through each socket, ``window`` at a time, bounded."""
     deadline = time.monotonic() + timeout_s
+    ring = payload_ring(payload)
     for s in socks:
         left, inflight = per_socket, 0
         while (left or inflight) and time.monotonic() < deadline:
             while left and inflight < window:
-                s.send_multipart((b"warmup", b"", payload))
+                s.send_multipart((b"warmup", b"", ring[left % RING]))
                 left -= 1
                 inflight += 1
             if s.poll(100):
@@ -146,6 +164,8 @@ def _pipelined(socks: list[zmq.Socket[bytes]], payload: bytes, window: int,
                max_requests: int, duration_s: float, drain_s: float, watch_pid: int | None,
                error_marks: tuple[bytes, ...]) -> LoadResult:
     res = LoadResult()
+    ring = payload_ring(payload)
+    mask = RING - 1
     poller = zmq.Poller()
     for s in socks:
         poller.register(s, zmq.POLLIN)
@@ -164,7 +184,7 @@ def _pipelined(socks: list[zmq.Socket[bytes]], payload: bytes, window: int,
             tag = seq.to_bytes(8, "little")
             seq += 1
             pending[tag] = clock()
-            s.send_multipart((tag, b"", payload))
+            s.send_multipart((tag, b"", ring[seq & mask]))
     sending = True
     end = t0
     while pending:
@@ -195,7 +215,7 @@ def _pipelined(socks: list[zmq.Socket[bytes]], payload: bytes, window: int,
                         tag = seq.to_bytes(8, "little")
                         seq += 1
                         pending[tag] = clock()
-                        send((tag, b"", payload))
+                        send((tag, b"", ring[seq & mask]))
                     else:
                         sending = False
     if watch_pid:
