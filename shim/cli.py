@@ -4,6 +4,10 @@
 
 Every subcommand is a function ``cmd_<name>(args) -> int``; ``main`` only dispatches.
 Errors a user can fix (bad config, endpoint in use) print one line and exit non-zero.
+
+This module holds the parsers and the subcommands that need no running shim; ``run``
+lives in the composition root, shim.app, whose ``main`` passes it in (``mmshim`` and
+``python -m shim`` start there; ``python -m shim.cli`` hands over to it).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from shim import signals
@@ -41,33 +46,6 @@ def _load(path: str) -> ShimConfig:
 
 
 # -- run / check-config ----------------------------------------------------------------
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from shim.app import build_shim, run_shim
-    from shim.errors import EndpointInUse
-
-    _setup_logging(args.log_level)
-    cfg = _load(args.config)
-    try:
-        shim = build_shim(cfg, Path(args.config), reset_state=args.reset_state)
-    except ConfigError as exc:  # e.g. a non-loopback admin socket without a token
-        print(f"mmshim: refusing to start: {exc}", file=sys.stderr)
-        return 2
-    shim.exit_after_drain = True  # see below
-    try:
-        code = run_shim(shim)
-    except EndpointInUse as exc:
-        print(f"mmshim: {exc}", file=sys.stderr)
-        return 3
-    if shim.proxy is not None and shim.proxy.listener_released:
-        # Drained with the listener handed back (shim.drain): libzmq must not tear the
-        # frontend down, so exit here, everything else closed and flushed.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.file)
@@ -181,7 +159,17 @@ def plain_text(doc: str) -> str:
     return " ".join(doc.replace("``", "").split())
 
 
-def build_parser() -> argparse.ArgumentParser:
+Command = Callable[[argparse.Namespace], int]
+
+
+def _no_run(args: argparse.Namespace) -> int:
+    print("mmshim: `run` is served by shim.app (`mmshim run` or `python -m shim run`)",
+          file=sys.stderr)
+    return 2
+
+
+def build_parser(run: Command | None = None) -> argparse.ArgumentParser:
+    """Every subcommand's parser; ``run``: the ``run`` subcommand (shim.app.cmd_run)."""
     parser = argparse.ArgumentParser(
         prog="mmshim", description=plain_text(__doc__.split("\n\n")[0]),
         epilog="Run `mmshim COMMAND --help` for a command's options; `make run` starts the "
@@ -193,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset-state", action="store_true",
                    help="ignore the saved runtime state and start from the config file")
     p.add_argument("--log-level", default="info")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=run or _no_run)
 
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("file")
@@ -280,17 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     from shim.rollout.cli import add_parser as add_rollout_parser
 
     add_rollout_parser(sub, os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))  # shim.rollout
-    add_ctl_parser(sub)  # `mmshim ctl ...`: shim.ctl
+    from shim.rollout.cli import add_ctl_command
+
+    add_ctl_parser(sub, [add_ctl_command])  # `mmshim ctl ...`: shim.ctl
     from shim.curve import add_keys_parser
 
     add_keys_parser(sub)  # `mmshim keys DIR`: shim.curve
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, run: Command | None = None) -> int:
+    """Parse ``argv`` and run its subcommand; ``run`` serves ``mmshim run`` (shim.app)."""
     if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
         signals.hold()  # until the event loop's own handlers take over (shim.signals)
-    args = build_parser().parse_args(argv)
+    args = build_parser(run).parse_args(argv)
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `mmshim ctl status | head`: the reader left, nothing to say
@@ -298,5 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m shim.cli`: the entry point is shim.app
+    from shim.app import main as app_main
+
+    raise SystemExit(app_main())
