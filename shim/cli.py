@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
+
 from shim import signals
 
 # `mmshim run`: a SIGHUP or SIGTERM while the imports below load must not kill us.
@@ -35,6 +37,11 @@ DEFAULT_CONFIG = "config/shim.toml"
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
                         format="%(asctime)s shim %(levelname)s %(name)s: %(message)s")
+
+
+def _pretty(doc: object) -> str:
+    """JSON for people: indented, anything msgspec cannot encode as its ``str``."""
+    return msgspec.json.format(msgspec.json.encode(doc, enc_hook=str), indent=2).decode()
 
 
 def _load(path: str) -> ShimConfig:
@@ -90,8 +97,6 @@ DEFAULT_PARITY_REQUESTS = "config/parity_requests.jsonl"
 
 def cmd_diffs(args: argparse.Namespace) -> int:
     """Summarise the shadow diff log: mismatch rate and top differing paths per action."""
-    import json
-
     from shim.difflog import Tally, log_files, read_records
 
     path = args.log or _load(args.config).shadow.diff_log
@@ -99,8 +104,7 @@ def cmd_diffs(args: argparse.Namespace) -> int:
         print(f"mmshim diffs: no diff log at {path}", file=sys.stderr)
         return 2
     tally = Tally().add_all(read_records(path))
-    print(json.dumps(tally.as_json(args.top), indent=2, default=str) if args.json
-          else tally.format(args.top))
+    print(_pretty(tally.as_json(args.top)) if args.json else tally.format(args.top))
     return 0
 
 
@@ -130,14 +134,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_capture_convert(args: argparse.Namespace) -> int:
     """A parity corpus as a capture file (JSON lines, version 1)."""
-    import json
-
     from shim.capture import corpus_to_capture
     from shim.errors import CaptureError
 
     cfg = _load(args.config)
     try:
-        lines = [json.dumps(r, separators=(",", ":")) for r in
+        lines = [msgspec.json.encode(r).decode() for r in
                  corpus_to_capture(args.corpus, cfg.policy)]
     except (OSError, CaptureError) as exc:
         print(f"mmshim capture convert: {exc}", file=sys.stderr)
