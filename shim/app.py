@@ -8,6 +8,15 @@ the ``AddonManager`` and narrow providers built here (``_DataPlaneView``).
 
 from __future__ import annotations
 
+import sys
+
+from shim import signals
+
+# `mmshim run` (the console script enters here): a SIGHUP or SIGTERM while the imports
+# below load must not kill us (shim.signals).
+if sys.argv[1:2] == ["run"]:
+    signals.hold()
+
 import argparse
 import asyncio
 import ctypes
@@ -16,7 +25,6 @@ import gc
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -26,7 +34,6 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from shim import signals
 from shim.addons.base import Addon, AddonManager, CommandHandler
 from shim.admin import AdminServer, audit_path, resolve_token
 from shim.audit import AuditLog
