@@ -68,9 +68,8 @@ log = logging.getLogger("mmshim.admin")
 
 #: Config paths a reload applies at run time; a change anywhere else needs a restart.
 RUNTIME_PATHS = ("routing.mode", "routing.weights", "routing.safe_backend", "actions",
-                 "shadow.percent", "shadow.sticky", "shadow.max_inflight",
-                 "shadow.timeout_ms", "shadow.compare", "policy", "models_file",
-                 "shim.default_timeout_ms")
+                 *(f"shadow.{f}" for f in ShadowSettings.__struct_fields__),
+                 "shadow.compare", "policy", "models_file", "shim.default_timeout_ms")
 
 MAX_DRAIN_S = 600.0
 #: Actions that may load a model on the backend they reach: never mirrored "always".

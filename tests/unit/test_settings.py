@@ -15,6 +15,7 @@ from msgspec import Meta
 from shim import runtime, settings
 from shim.cli import build_parser
 from shim.config import ShadowSection, decode_config
+from shim.control import RUNTIME_PATHS
 from shim.dialects.ops import Kind
 from shim.errors import ConfigError, StateError
 from shim.runtime import resolve_rules, runtime_from_config
@@ -78,6 +79,8 @@ def test_the_real_shapes_derive_from_the_settings_structs() -> None:
     rt = runtime_from_config(cfg)
     assert set(rt.describe()["shadow"]) == fields  # status
     assert set(rt.describe()["actions"]["generate"]) == set(ActionRule.__struct_fields__)
+    # A reload applies every shadow knob (none is reported as needing a restart).
+    assert {f"shadow.{f}" for f in fields} <= set(RUNTIME_PATHS)
 
     ctl = build_parser()
     # `mmshim ctl shadow` and `mmshim ctl action` have one flag per field.
