@@ -36,24 +36,20 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import msgspec
 import zmq
 import zmq.asyncio
 import zmq.auth.asyncio
 
-from shim.audit import AuditLog
 from shim.config import ShimSection, is_loopback
 from shim.control import Controller
-from shim.curve import ZAP_DOMAIN, CurveServer, make_server_socket, resolve_server
+from shim.curve import ZAP_DOMAIN, CurveServer, make_server_socket
 from shim.errors import CommandError, ConfigError
 from shim.metrics import Metrics
 from shim.sockets import bind_or_explain
-from shim.state import StateFile, atomic_write, clean_stale
-
-if TYPE_CHECKING:
-    from shim.app import Shim
+from shim.state import atomic_write
 
 log = logging.getLogger("mmshim.admin")
 
@@ -265,23 +261,3 @@ def _client(frames: list[zmq.Frame]) -> str:
         if address:
             return str(address)
     return f"routing-id:{frames[0].bytes.hex()}"
-
-
-def add_control_plane(shim: Shim, *, reset_state: bool = False,
-                      env: Mapping[str, str] = os.environ) -> Controller:
-    """Give a Shim its control plane: the Controller (saved state, SIGHUP reload) always,
-    and the admin socket when ``shim.admin`` is set. Raises ConfigError when the admin
-    socket would be open to the network without a token, or without CURVE (shim.curve)."""
-    section = shim.cfg.shim
-    for stale in clean_stale(Path(section.state_file).parent):
-        log.warning("removed %s, left by an interrupted write", stale)
-    controller = Controller(shim, StateFile(Path(section.state_file)),
-                            AuditLog(audit_path(section)), reset_state=reset_state)
-    shim.extras.append(controller)
-    shim.on_reload = controller.reload_from_signal
-    if section.admin:
-        token = resolve_token(section, env)
-        curve = resolve_server(section)
-        shim.extras.append(AdminServer(shim.ctx, section.admin, token, controller,
-                                       shim.metrics, curve))
-    return controller

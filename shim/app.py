@@ -1,34 +1,61 @@
-"""A running shim: the proxy, its health socket, probes, metrics and addons, started and
-stopped together."""
+"""The composition root: builds a running shim (the proxy, its health socket, probes,
+metrics, addons, the control plane) and is the process entry point (``mmshim``,
+``python -m shim``). Nothing imports this module; it imports the rest.
+
+The control plane (shim.control) never sees the ``Shim``: it gets the ``RuntimeStore``,
+the ``AddonManager`` and narrow providers built here (``_DataPlaneView``).
+"""
 
 from __future__ import annotations
 
+import sys
+
+from shim import signals
+
+# `mmshim run` (the console script enters here): a SIGHUP or SIGTERM while the imports
+# below load must not kill us (shim.signals).
+if sys.argv[1:2] == ["run"]:
+    signals.hold()
+
+import argparse
 import asyncio
 import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 
-from shim import signals
+from shim.addons.base import Addon, AddonManager, CommandHandler
+from shim.admin import AdminServer, audit_path, resolve_token
+from shim.audit import AuditLog
+from shim.cli import _load, _setup_logging
+from shim.cli import main as cli_main
 from shim.config import ShimConfig
+from shim.control import Controller
+from shim.curve import resolve_server
 from shim.ejection import Ejector
+from shim.errors import CommandError, ConfigError, EndpointInUse
 from shim.health import HealthProber, HealthServer, vram_of
 from shim.metrics import Metrics
 from shim.ownership import Ownership
 from shim.proxy import Proxy
 from shim.record import Recorder
+from shim.rollout import RolloutEngine
+from shim.runtime import Runtime, RuntimeStore, runtime_from_config
+from shim.settings import Release
 from shim.shadow import Shadow
-
-if TYPE_CHECKING:
-    from shim.web import WebServer
+from shim.state import StateFile, clean_stale
+from shim.status import StatusBoard
+from shim.web import WebServer
 
 log = logging.getLogger("mmshim")
 
@@ -42,6 +69,10 @@ class Shim:
         self.config_path = config_path
         self.started = time.time()
         self.metrics = Metrics()
+        #: The Runtime in force (the control plane swaps it; the proxy follows it).
+        self.store = RuntimeStore(runtime_from_config(cfg))
+        #: The addons' control-plane hooks, as the Controller sees them.
+        self.addons = AddonManager()
         self._serve_metrics = serve_metrics
         self._reset_state = reset_state
         self._stop = asyncio.Event()
@@ -62,9 +93,12 @@ class Shim:
         self.recorder: Recorder | None = None
         self.web: WebServer | None = None
         #: The rollout engine (shim.rollout), added by build_shim.
-        self.rollout: Any = None
+        self.rollout: RolloutEngine | None = None
+        #: The control plane (shim.control), added by build_shim.
+        self.controller: Controller | None = None
         self.extras: list[Any] = []  # admin server, ownership, shadow: started and stopped with us
-        #: Called on SIGHUP (set by shim.admin.add_control_plane: reload the config file).
+        self.audit: AuditLog | None = None
+        #: Called on SIGHUP (set by add_control_plane: reload the config file).
         self.on_reload: Callable[[], None] | None = None
 
     async def serve(self) -> int:
@@ -82,13 +116,14 @@ class Shim:
             if self.cfg.ejection.enabled:
                 self.ejector = Ejector(self.proxy.pool.backends, self.cfg.ejection,
                                        self.metrics)
+            self.store.subscribe(self._follow_runtime)
             self._plug_addons(self.proxy)
+            self._bridge_addons()
             await self._start_extras()
             if self._serve_metrics and self.cfg.shim.metrics:
                 # /metrics, the status page and /api/status, in this loop (shim.web).
-                from shim.web import WebServer
-
-                self.web = WebServer(self, self.cfg.shim.metrics)
+                self.web = WebServer(self.metrics.registry, self.cfg.shim.metrics,
+                                     StatusBoard(self))
                 await self.web.start()
         except Exception:
             await self._close()
@@ -147,8 +182,42 @@ class Shim:
         proxy.addons.append(self.recorder)
         self.extras.append(self.recorder)
 
+    @property
+    def sync_ctx(self) -> zmq.Context[zmq.Socket[bytes]]:
+        """A synchronous context sharing the asyncio one's I/O threads."""
+        return self._sync_ctx
+
+    def _follow_runtime(self, old: Runtime, new: Runtime) -> None:
+        """Store subscriber: the proxy serves the Runtime in force.
+
+        TODO(merge): the seams branch makes the proxy read ``store.current`` and the load
+        policy from ``rt.policy``; until then the proxy's policy dict (shared with its
+        addons) is updated in place here.
+        """
+        proxy = self.proxy
+        if proxy is None:
+            return
+        proxy.set_runtime(new)
+        if proxy.policy != new.policy:
+            proxy.policy.clear()
+            proxy.policy.update(new.policy)
+
+    def _bridge_addons(self) -> None:
+        """TODO(merge): the seams branch makes ownership, shadow, the recorder and the
+        ejector ``Addon``s added to ``self.addons`` in ``_plug_addons``; until then their
+        control-plane half is adapted here."""
+        if self.ownership is not None:
+            self.ownership.audit = self.audit  # duplicate repairs leave an audit line
+            self.addons.add(_OwnershipBridge(self.ownership, self.cfg))
+        if self.shadow is not None:
+            self.addons.add(_ShadowBridge(self.shadow, self))
+        if self.recorder is not None:
+            self.addons.add(_Bridge("record", self.recorder))
+        if self.ejector is not None:
+            self.addons.add(_Bridge("ejector", self.ejector))
+
     async def _start_extras(self) -> None:
-        """Hook for addons and the admin socket (see shim.cli.build_shim)."""
+        """Hook for addons and the admin socket (see build_shim)."""
         for extra in self.extras:
             start = getattr(extra, "start", None)
             if start is not None:
@@ -207,6 +276,10 @@ class Shim:
                 "details": {"status_message": details["status_message"],
                             "uptime_seconds": details["uptime_seconds"]}}
 
+    def describe_health_if_probing(self) -> dict[str, Any] | None:
+        """``describe_health()`` once the prober runs, else None (for ``status``)."""
+        return self.describe_health() if self.prober is not None else None
+
     def describe_health(self) -> dict[str, Any]:
         """The shim's health reply, in the MMA health shape, backends under ``details``."""
         assert self.proxy is not None and self.prober is not None
@@ -251,19 +324,150 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return fn
 
 
+class _DataPlaneView:
+    """shim.control's ``DataPlane`` over this shim's proxy (None until it starts)."""
+
+    def __init__(self, shim: Shim) -> None:
+        self._shim = shim
+
+    def inflight_of(self, backend: str) -> int:
+        proxy = self._shim.proxy
+        b = proxy.pool.backends.get(backend) if proxy is not None else None
+        return b.inflight if b is not None else 0
+
+    def describe(self) -> dict[str, Any]:
+        proxy = self._shim.proxy
+        if proxy is None:
+            return {"backends": {}, "inflight": 0, "accepting": False, "counts": {}}
+        return {
+            "backends": {name: {"dialect": b.dialect, "healthy": b.healthy,
+                                "inflight": b.inflight}
+                         for name, b in proxy.pool.backends.items()},
+            "inflight": proxy.inflight,
+            "accepting": proxy.accepting,
+            "counts": dict(proxy.counts),
+        }
+
+
+class _Bridge(Addon):
+    """The control-plane half of a component that is not an ``Addon`` yet: its
+    ``describe()`` and ``admin_commands()``. TODO(merge): goes once seams lands."""
+
+    def __init__(self, name: str, component: Any) -> None:
+        self.name = name
+        self._component = component
+
+    def commands(self) -> dict[str, CommandHandler]:
+        offered = getattr(self._component, "admin_commands", None)
+        return dict(offered()) if callable(offered) else {}
+
+    def describe(self) -> dict[str, Any]:
+        describe = getattr(self._component, "describe", None)
+        return dict(describe()) if callable(describe) else {}
+
+
+class _OwnershipBridge(_Bridge):
+    """Ownership's control-plane half: ``release`` and "weights in force".
+
+    TODO(merge): the seams branch gives ``Ownership`` these as ``commands()`` and
+    ``runtime_changed(old, new)``.
+    """
+
+    def __init__(self, ownership: Ownership, cfg: ShimConfig) -> None:
+        super().__init__("ownership", ownership)
+        self._own = ownership
+        self._backends = list(cfg.backends)
+
+    def commands(self) -> dict[str, CommandHandler]:
+        return {"release": self._release}
+
+    def _release(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """``ctl release MODEL [--from B]``: forget a model's owner (audited by the
+        Controller, which sees ``changes``). For an owner the operator knows is gone."""
+        try:
+            args = msgspec.convert(raw, Release)
+        except msgspec.ValidationError as exc:
+            raise CommandError("bad_request", f"release: {exc}") from None
+        if args.from_backend is not None and args.from_backend not in self._backends:
+            raise CommandError("invalid", f"unknown backend {args.from_backend!r} "
+                               f"(expected one of {', '.join(self._backends)})")
+        owner = self._own.release(args.model, args.from_backend)
+        if owner is None:
+            current = self._own.owner.get(args.model)
+            raise CommandError("refused", f"model {args.model!r} is "
+                               + (f"owned by {current}, not {args.from_backend}" if current
+                                  else "not owned by any backend") + "; nothing released")
+        changes: dict[str, list[Any]] = {f"ownership.owners.{args.model}": [owner, None]}
+        return {"model": args.model, "released_from": owner, "changes": changes,
+                "audit": {"model": args.model, "owner": owner}}
+
+    def runtime_changed(self, old: Runtime, new: Runtime) -> Awaitable[Any] | None:
+        """After a weight change: moves the new weights undo are cancelled and the ones
+        past their unload finished (bounded), so the change is in force on return."""
+        if old.weights == new.weights:
+            return None
+        return self._own.weights_changed(new)
+
+
+class _ShadowBridge(_Bridge):
+    """Shadow's control-plane half: a reload's compare rules and diff log settings.
+
+    TODO(merge): seams' Shadow reads compare rules from ``flow.rt.compare``; the diff
+    log settings then come with its own ``runtime_changed``.
+    """
+
+    def __init__(self, shadow: Shadow, shim: Shim) -> None:
+        super().__init__("shadow", shadow)
+        self._shadow = shadow
+        self._shim = shim
+        self._settings = shim.cfg.shadow
+
+    def runtime_changed(self, old: Runtime, new: Runtime) -> None:
+        controller = self._shim.controller
+        settings = controller.file_cfg.shadow if controller is not None else self._settings
+        if new.compare is not old.compare or settings != self._settings:
+            self._settings = settings
+            self._shadow.reload(settings)
+
+
+def add_control_plane(shim: Shim, *, reset_state: bool = False,
+                      env: Mapping[str, str] = os.environ) -> Controller:
+    """Give a Shim its control plane: the Controller (saved state, SIGHUP reload) always,
+    and the admin socket when ``shim.admin`` is set. Raises ConfigError when the admin
+    socket would be open to the network without a token, or without CURVE (shim.curve)."""
+    section = shim.cfg.shim
+    for stale in clean_stale(Path(section.state_file).parent):
+        log.warning("removed %s, left by an interrupted write", stale)
+    audit = AuditLog(audit_path(section))
+    controller = Controller(shim.store, shim.addons, StateFile(Path(section.state_file)),
+                            audit, cfg=shim.cfg, dataplane=_DataPlaneView(shim),
+                            metrics=shim.metrics, config_path=shim.config_path,
+                            health=shim.describe_health_if_probing, started=shim.started,
+                            reset_state=reset_state)
+    shim.controller = controller
+    shim.audit = audit
+    shim.extras.append(controller)
+    shim.on_reload = controller.reload_from_signal
+    if section.admin:
+        token = resolve_token(section, env)
+        curve = resolve_server(section)
+        shim.extras.append(AdminServer(shim.ctx, section.admin, token, controller,
+                                       shim.metrics, curve))
+    return controller
+
+
 def build_shim(cfg: ShimConfig, config_path: Path | None = None, *,
                reset_state: bool = False, serve_metrics: bool = True) -> Shim:
     """A Shim with every addon this config asks for.
 
     Raises ConfigError when the admin socket would be open to the network without a token.
     """
-    from shim.admin import add_control_plane
-
     shim = Shim(cfg, config_path, reset_state=reset_state, serve_metrics=serve_metrics)
-    from shim.rollout import add_rollout
-
     controller = add_control_plane(shim, reset_state=reset_state)
-    add_rollout(shim, controller)
+    engine = RolloutEngine(shim, controller)
+    shim.extras.append(engine)
+    shim.rollout = engine
+    shim.addons.add(_Bridge("rollout", engine))
     return shim
 
 
@@ -274,3 +478,38 @@ def run_shim(shim: Shim) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(shim.serve())
     return uvloop.run(shim.serve())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``mmshim run``: serve until SIGTERM/SIGINT. Exit codes: 2 bad config or refused
+    start, 3 an endpoint in use."""
+    _setup_logging(args.log_level)
+    cfg = _load(args.config)
+    try:
+        shim = build_shim(cfg, Path(args.config), reset_state=args.reset_state)
+    except ConfigError as exc:  # e.g. a non-loopback admin socket without a token
+        print(f"mmshim: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    shim.exit_after_drain = True  # see below
+    try:
+        code = run_shim(shim)
+    except EndpointInUse as exc:
+        print(f"mmshim: {exc}", file=sys.stderr)
+        return 3
+    if shim.proxy is not None and shim.proxy.listener_released:
+        # Drained with the listener handed back (shim.drain): libzmq must not tear the
+        # frontend down, so exit here, everything else closed and flushed.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``mmshim`` command: shim.cli's subcommands, with ``run`` served from here."""
+    return cli_main(argv, run=cmd_run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,6 +4,10 @@
 
 Every subcommand is a function ``cmd_<name>(args) -> int``; ``main`` only dispatches.
 Errors a user can fix (bad config, endpoint in use) print one line and exit non-zero.
+
+This module holds the parsers and the subcommands that need no running shim; ``run``
+lives in the composition root, shim.app, whose ``main`` passes it in (``mmshim`` and
+``python -m shim`` start there; ``python -m shim.cli`` hands over to it).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import msgspec
 
 from shim import signals
 
@@ -32,6 +39,11 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s shim %(levelname)s %(name)s: %(message)s")
 
 
+def _pretty(doc: object) -> str:
+    """JSON for people: indented, anything msgspec cannot encode as its ``str``."""
+    return msgspec.json.format(msgspec.json.encode(doc, enc_hook=str), indent=2).decode()
+
+
 def _load(path: str) -> ShimConfig:
     try:
         return load_config(path)
@@ -41,33 +53,6 @@ def _load(path: str) -> ShimConfig:
 
 
 # -- run / check-config ----------------------------------------------------------------
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from shim.app import build_shim, run_shim
-    from shim.errors import EndpointInUse
-
-    _setup_logging(args.log_level)
-    cfg = _load(args.config)
-    try:
-        shim = build_shim(cfg, Path(args.config), reset_state=args.reset_state)
-    except ConfigError as exc:  # e.g. a non-loopback admin socket without a token
-        print(f"mmshim: refusing to start: {exc}", file=sys.stderr)
-        return 2
-    shim.exit_after_drain = True  # see below
-    try:
-        code = run_shim(shim)
-    except EndpointInUse as exc:
-        print(f"mmshim: {exc}", file=sys.stderr)
-        return 3
-    if shim.proxy is not None and shim.proxy.listener_released:
-        # Drained with the listener handed back (shim.drain): libzmq must not tear the
-        # frontend down, so exit here, everything else closed and flushed.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args.file)
@@ -112,8 +97,6 @@ DEFAULT_PARITY_REQUESTS = "config/parity_requests.jsonl"
 
 def cmd_diffs(args: argparse.Namespace) -> int:
     """Summarise the shadow diff log: mismatch rate and top differing paths per action."""
-    import json
-
     from shim.difflog import Tally, log_files, read_records
 
     path = args.log or _load(args.config).shadow.diff_log
@@ -121,8 +104,7 @@ def cmd_diffs(args: argparse.Namespace) -> int:
         print(f"mmshim diffs: no diff log at {path}", file=sys.stderr)
         return 2
     tally = Tally().add_all(read_records(path))
-    print(json.dumps(tally.as_json(args.top), indent=2, default=str) if args.json
-          else tally.format(args.top))
+    print(_pretty(tally.as_json(args.top)) if args.json else tally.format(args.top))
     return 0
 
 
@@ -152,14 +134,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_capture_convert(args: argparse.Namespace) -> int:
     """A parity corpus as a capture file (JSON lines, version 1)."""
-    import json
-
     from shim.capture import corpus_to_capture
     from shim.errors import CaptureError
 
     cfg = _load(args.config)
     try:
-        lines = [json.dumps(r, separators=(",", ":")) for r in
+        lines = [msgspec.json.encode(r).decode() for r in
                  corpus_to_capture(args.corpus, cfg.policy)]
     except (OSError, CaptureError) as exc:
         print(f"mmshim capture convert: {exc}", file=sys.stderr)
@@ -181,7 +161,17 @@ def plain_text(doc: str) -> str:
     return " ".join(doc.replace("``", "").split())
 
 
-def build_parser() -> argparse.ArgumentParser:
+Command = Callable[[argparse.Namespace], int]
+
+
+def _no_run(args: argparse.Namespace) -> int:
+    print("mmshim: `run` is served by shim.app (`mmshim run` or `python -m shim run`)",
+          file=sys.stderr)
+    return 2
+
+
+def build_parser(run: Command | None = None) -> argparse.ArgumentParser:
+    """Every subcommand's parser; ``run``: the ``run`` subcommand (shim.app.cmd_run)."""
     parser = argparse.ArgumentParser(
         prog="mmshim", description=plain_text(__doc__.split("\n\n")[0]),
         epilog="Run `mmshim COMMAND --help` for a command's options; `make run` starts the "
@@ -193,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset-state", action="store_true",
                    help="ignore the saved runtime state and start from the config file")
     p.add_argument("--log-level", default="info")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=run or _no_run)
 
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("file")
@@ -280,17 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     from shim.rollout.cli import add_parser as add_rollout_parser
 
     add_rollout_parser(sub, os.environ.get("MMSHIM_CONFIG", DEFAULT_CONFIG))  # shim.rollout
-    add_ctl_parser(sub)  # `mmshim ctl ...`: shim.ctl
+    from shim.rollout.cli import add_ctl_command
+
+    add_ctl_parser(sub, [add_ctl_command])  # `mmshim ctl ...`: shim.ctl
     from shim.curve import add_keys_parser
 
     add_keys_parser(sub)  # `mmshim keys DIR`: shim.curve
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, run: Command | None = None) -> int:
+    """Parse ``argv`` and run its subcommand; ``run`` serves ``mmshim run`` (shim.app)."""
     if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
         signals.hold()  # until the event loop's own handlers take over (shim.signals)
-    args = build_parser().parse_args(argv)
+    args = build_parser(run).parse_args(argv)
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `mmshim ctl status | head`: the reader left, nothing to say
@@ -298,5 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m shim.cli`: the entry point is shim.app
+    from shim.app import main as app_main
+
+    raise SystemExit(app_main())

@@ -2,8 +2,13 @@
 
 The Structs are the single source of truth for what the file may say. Decoding is strict
 (msgspec's ``strict=True``: ``default_timeout_ms = "4500"`` is an error, not 4500) and
-rejects unknown keys and wrong types with a message naming the field; ``validate`` then checks
+rejects unknown keys, wrong types and values out of range (``Meta`` constraints, e.g. the
+runtime knobs' in shim.settings) with a message naming the field; ``validate`` then checks
 what types cannot express (known backend names, no routing loop, weights not all zero).
+
+Load -> validate -> resolved copy: ``decode_config`` returns a new, frozen ShimConfig with
+the defaults that depend on other fields filled in (weights, safe backend, deadlines,
+paths relative to the file, the load policy); nothing changes it afterwards.
 """
 
 from __future__ import annotations
@@ -13,40 +18,28 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
+from msgspec.structs import replace
 
 from shim.errors import ConfigError
-
-#: Canonical operation names that per-action rules and shadow policies are keyed by.
-ACTIONS = (
-    "generate",
-    "load",
-    "unload",
-    "loaded_status",
-    "status",
-    "health",
-    "model_access",
-    "clear_conversation",
-    "list_models",
-    "other",
-)
+from shim.settings import ACTIONS, ActionRule, MirrorPolicy, Mode, ShadowSettings
 
 #: Actions that change a backend's state: never failed over, never mirrored.
 #: Actions routed by the model they name (shim.ownership): never pinned while it is on.
 MODEL_BOUND_ACTIONS = frozenset({"generate", "load", "unload", "model_access"})
 STATEFUL_ACTIONS = frozenset({"load", "unload", "model_access", "clear_conversation"})
 
-Mode = Literal["split", "shadow"]
-MirrorPolicy = Literal["always", "if_loaded", "never"]
+__all__ = ["ACTIONS", "ActionRule", "MirrorPolicy", "Mode", "ShimConfig", "load_config"]
+
 CompareRule = Literal["exact", "shape", "ignore"]
 
 
 
 
-class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Common options: unknown keys are errors, every field is keyword-only."""
+class Base(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Common options: immutable, unknown keys are errors, every field is keyword-only."""
 
 
-class ShimSection(Base):
+class ShimSection(Base, frozen=True):
     """Where the shim listens and how it treats incoming requests."""
 
     listen: str = "tcp://*:5570"
@@ -103,7 +96,7 @@ class ShimSection(Base):
     health_details: bool = False
 
 
-class BackendConfig(Base):
+class BackendConfig(Base, frozen=True):
     """One model manager: its dialect, its endpoints, and how long to wait for it."""
 
     dialect: Literal["mma", "mms"]
@@ -118,7 +111,7 @@ class BackendConfig(Base):
     secondary: str = ""
 
 
-class RoutingSection(Base):
+class RoutingSection(Base, frozen=True):
     """How requests are split: mode, weights (percent, 0.01 % resolution), sticky key."""
 
     mode: Mode = "split"
@@ -129,7 +122,7 @@ class RoutingSection(Base):
     safe_backend: str = ""
 
 
-class HealthSection(Base):
+class HealthSection(Base, frozen=True):
     """Active probing of each backend's health socket, and passive failure counting."""
 
     interval_ms: int = 1000
@@ -140,17 +133,7 @@ class HealthSection(Base):
     request_failures: int = 3
 
 
-class ActionRule(Base):
-    """Per-action overrides; unset fields fall back to the defaults for that action."""
-
-    timeout_ms: int | None = None
-    failover: bool | None = None
-    pin: str = ""
-    translate: bool = True
-    mirror: MirrorPolicy | None = None
-
-
-class DeadlinesSection(Base):
+class DeadlinesSection(Base, frozen=True):
     """How long the shim works on a request: it follows the caller (protocol.md, "What the
     deployed agents really send"). The first match wins: ``[actions.X].timeout_ms`` when
     set, then ``names`` (the action or command as sent), then ``forms``, then
@@ -169,7 +152,7 @@ class DeadlinesSection(Base):
         "status": 900, "clear_conversation": 2500, "TRANSCRIBE_AUDIO": 9500})
 
 
-class DedupSection(Base):
+class DedupSection(Base, frozen=True):
     """Re-sent duplicates join the request in flight (Lazy Pirate clients re-send)."""
 
     enabled: bool = True
@@ -178,14 +161,14 @@ class DedupSection(Base):
     bytes_window_ms: int = 30000
 
 
-class ConversationsSection(Base):
+class ConversationsSection(Base, frozen=True):
     """Which backend served each conversation (shim.conversations): bounded LRU + TTL."""
 
     max_entries: int = 10000
     ttl_s: float = 3600.0
 
 
-class MergeSection(Base):
+class MergeSection(Base, frozen=True):
     """status / GET_LOADED_MODELS_STATUS / HEALTH_CHECK from every backend at once.
 
     "split": in split mode while more than one backend has a weight above 0 (in shadow
@@ -194,7 +177,7 @@ class MergeSection(Base):
     loaded: Literal["split", "always", "never"] = "split"
 
 
-class OwnershipSection(Base):
+class OwnershipSection(Base, frozen=True):
     """One owner per model: polling, hand-over and duplicate repair."""
 
     enabled: bool = True
@@ -206,7 +189,7 @@ class OwnershipSection(Base):
     shared_models: list[str] = msgspec.field(default_factory=list)
 
 
-class EjectionSection(Base):
+class EjectionSection(Base, frozen=True):
     """Outlier ejection (Envoy's model): failing requests take a backend out of rotation."""
 
     enabled: bool = True
@@ -220,13 +203,10 @@ class EjectionSection(Base):
     readmit_successes: int = 3
 
 
-class ShadowSection(Base):
-    """Mirroring to the non-primary backend and comparing the replies."""
+class ShadowSection(ShadowSettings, frozen=True):
+    """Mirroring to the non-primary backend and comparing the replies: the runtime knobs
+    (shim.settings.ShadowSettings: percent, sticky, max_inflight, timeout_ms) and these."""
 
-    percent: float = 100.0
-    sticky: bool = True
-    max_inflight: int = 64
-    timeout_ms: int = 4500
     diff_log: str = "state/shadow-diffs.jsonl"
     diff_log_max_bytes: int = 10 << 20
     diff_log_backups: int = 3
@@ -237,7 +217,7 @@ class ShadowSection(Base):
     compare: dict[str, dict[str, CompareRule]] = msgspec.field(default_factory=dict)
 
 
-class RecordSection(Base):
+class RecordSection(Base, frozen=True):
     """Recording exchanges to a capture file (shim.record; ``mmshim ctl record``)."""
 
     #: Record from start-up; else only after ``mmshim ctl record start``.
@@ -254,7 +234,7 @@ class RecordSection(Base):
     queue_size: int = 10_000
 
 
-class ShimConfig(Base):
+class ShimConfig(Base, frozen=True):
     """The whole file."""
 
     shim: ShimSection = msgspec.field(default_factory=ShimSection)
@@ -310,30 +290,37 @@ def decode_config(raw: dict[str, object], *, source: str = "<config>",
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     validate(cfg, source)
+    first = next(iter(cfg.backends))
+    cfg = replace(cfg, routing=replace(
+        cfg.routing,
+        weights=cfg.routing.weights or {n: 100.0 if n == first else 0.0 for n in cfg.backends},
+        safe_backend=cfg.routing.safe_backend or first))
     shim_raw = raw.get("shim")
     if isinstance(shim_raw, dict) and "default_timeout_ms" in shim_raw and \
             "deadlines" not in raw:
         # A config that sets one timeout for everything (as before [deadlines]) keeps it.
-        cfg.deadlines = DeadlinesSection(forms={}, names={})
+        cfg = replace(cfg, deadlines=DeadlinesSection(forms={}, names={}))
     if base_dir is not None:
-        _resolve_paths(cfg, base_dir)
+        cfg = _resolve_paths(cfg, base_dir)
     if not cfg.policy:
-        cfg.policy = _policy_from_models(cfg, source)
+        cfg = replace(cfg, policy=_policy_from_models(cfg, source))
     return cfg
 
 
-def _resolve_paths(cfg: ShimConfig, base_dir: Path) -> None:
-    """Relative file paths in a config file are relative to that file."""
+def _resolve_paths(cfg: ShimConfig, base_dir: Path) -> ShimConfig:
+    """Relative file paths in a config file are relative to that file (a copy)."""
     def resolve(value: str) -> str:
         return str((base_dir / value).resolve()) if value and not Path(value).is_absolute() \
             else value
-    cfg.models_file = resolve(cfg.models_file)
-    cfg.shim.state_file = resolve(cfg.shim.state_file)
-    cfg.shim.admin_token_file = resolve(cfg.shim.admin_token_file)
-    cfg.shim.admin_curve_secret_file = resolve(cfg.shim.admin_curve_secret_file)
-    cfg.shim.admin_curve_clients_dir = resolve(cfg.shim.admin_curve_clients_dir)
-    cfg.shadow.diff_log = resolve(cfg.shadow.diff_log)
-    cfg.record.path = resolve(cfg.record.path)
+    s = cfg.shim
+    return replace(
+        cfg, models_file=resolve(cfg.models_file),
+        shim=replace(s, state_file=resolve(s.state_file),
+                     admin_token_file=resolve(s.admin_token_file),
+                     admin_curve_secret_file=resolve(s.admin_curve_secret_file),
+                     admin_curve_clients_dir=resolve(s.admin_curve_clients_dir)),
+        shadow=replace(cfg.shadow, diff_log=resolve(cfg.shadow.diff_log)),
+        record=replace(cfg.record, path=resolve(cfg.record.path)))
 
 
 def _policy_from_models(cfg: ShimConfig, source: str) -> dict[str, str]:
@@ -356,7 +343,8 @@ def _fail(source: str, field: str, message: str) -> ConfigError:
 
 
 def validate(cfg: ShimConfig, source: str = "<config>") -> None:
-    """Checks beyond types: references, ranges and routing loops."""
+    """Checks beyond types and ``Meta`` ranges: references, sums and routing loops.
+    Changes nothing (``decode_config`` fills the defaults in a copy)."""
     if not cfg.backends:
         raise _fail(source, "backends", "at least one backend is required")
     for name, backend in cfg.backends.items():
@@ -390,13 +378,11 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
         if getattr(cfg.shim, field) < 1:
             raise _fail(source, f"shim.{field}", "must be at least 1")
     first = next(iter(cfg.backends))
-    if not cfg.routing.weights:
-        cfg.routing.weights = {name: 100.0 if name == first else 0.0 for name in cfg.backends}
-    check_weights(cfg.routing.weights, cfg.backends, source, "routing.weights")
-    cfg.routing.safe_backend = cfg.routing.safe_backend or first
-    if cfg.routing.safe_backend not in cfg.backends:
-        raise _fail(source, "routing.safe_backend",
-                    f"unknown backend {cfg.routing.safe_backend!r}")
+    check_weights(cfg.routing.weights or {first: 100.0}, cfg.backends, source,
+                  "routing.weights")
+    safe_backend = cfg.routing.safe_backend or first
+    if safe_backend not in cfg.backends:
+        raise _fail(source, "routing.safe_backend", f"unknown backend {safe_backend!r}")
     for action, rule in cfg.actions.items():
         if action not in ACTIONS:
             raise _fail(source, f"actions.{action}",
@@ -407,12 +393,7 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
             raise _fail(source, f"actions.{action}.pin", f"{action} requests go to the owner "
                         "of their model (rule: one owner per model); remove the pin or "
                         "set ownership.enabled = false")
-        if rule.timeout_ms is not None and rule.timeout_ms <= 0:
-            raise _fail(source, f"actions.{action}.timeout_ms", "must be positive")
-    if not 0 <= cfg.shadow.percent <= 100:
-        raise _fail(source, "shadow.percent", "must be within 0..100")
-    if cfg.shadow.max_inflight < 1:
-        raise _fail(source, "shadow.max_inflight", "must be at least 1")
+    # shadow.percent, shadow.max_inflight, actions.X.timeout_ms: Meta (shim.settings).
     for key in ("consecutive_failures", "base_ejection_ms", "max_ejection_ms",
                 "readmit_successes"):
         if getattr(cfg.ejection, key) < 1:

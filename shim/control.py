@@ -1,10 +1,18 @@
 """The operator's commands: validate, swap the Runtime once, audit, persist.
 
-Every runtime change, whether it comes from the admin socket or from SIGHUP, goes
-through ``Controller._apply``: it reads ``proxy.runtime``, builds the new Runtime and
-swaps it in without yielding to the event loop in between, so a change lands between two
-requests and two operators' changes never interleave. Requests already routed finish
-where they started. The Controller also restores the saved state when the shim starts.
+Every runtime change, whether it comes from the admin socket, SIGHUP or the rollout
+engine, goes through ``Controller.apply_change``: it reads ``store.current``, builds the
+new Runtime and swaps it in (``RuntimeStore.swap``) without yielding to the event loop in
+between, so a change lands between two requests and two operators' changes never
+interleave. Requests already routed finish where they started. The Controller also
+restores the saved state when the shim starts.
+
+The Controller works on the runtime store and the addon manager (shim.addons.base), plus
+narrow providers (``DataPlane``: what the data path reports; a health describer); it
+never sees the app (shim.app builds it). Addons contribute through their control-plane
+hooks: ``describe()`` (their part of ``status``), ``commands()`` (their admin commands)
+and ``runtime_changed(old, new)`` (awaited before a change's reply, e.g. ownership
+finishing the moves a weight change cancels).
 """
 
 from __future__ import annotations
@@ -13,28 +21,38 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET
 
+from shim.addons.base import AddonManager, CommandHandler
 from shim.audit import AuditLog, Changes, changes_between, format_changes
 from shim.config import (
     MODEL_BOUND_ACTIONS,
-    ActionRule,
-    MirrorPolicy,
-    Mode,
     ShimConfig,
     check_weights,
     complete_weights,
     load_config,
 )
 from shim.errors import CommandError, ConfigError, StateError
-from shim.routing import RoutingTable
-from shim.runtime import Runtime, runtime_from_config
+from shim.metrics import Metrics
+from shim.runtime import Runtime, RuntimeStore, runtime_from_config
+from shim.settings import (
+    ActionRule,
+    Args,
+    Drain,
+    Reload,
+    SetAction,
+    SetMode,
+    SetShadow,
+    SetWeights,
+    ShadowSettings,
+    fields_set,
+)
 from shim.state import (
     RuntimeState,
     StateFile,
@@ -46,16 +64,12 @@ from shim.state import (
     rebase,
 )
 
-if TYPE_CHECKING:
-    from shim.app import Shim
-    from shim.proxy import Proxy
-
 log = logging.getLogger("mmshim.admin")
 
 #: Config paths a reload applies at run time; a change anywhere else needs a restart.
 RUNTIME_PATHS = ("routing.mode", "routing.weights", "routing.safe_backend", "actions",
-                 "shadow.percent", "shadow.sticky", "shadow.max_inflight",
-                 "shadow.timeout_ms", "policy", "models_file", "shim.default_timeout_ms")
+                 *(f"shadow.{f}" for f in ShadowSettings.__struct_fields__),
+                 "shadow.compare", "policy", "models_file", "shim.default_timeout_ms")
 
 MAX_DRAIN_S = 600.0
 #: Actions that may load a model on the backend they reach: never mirrored "always".
@@ -64,63 +78,32 @@ LOADING_ACTIONS = frozenset({"generate", "load", "model_access"})
 
 
 
-# -- the arguments of each command (unknown fields are errors that name the field) ------
-
-class Args(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A command without arguments."""
-
-
-class SetWeights(Args):
-    #: Backends left out keep their current weight.
-    weights: dict[str, float]
-
-
-class SetMode(Args):
-    mode: Mode
-
-
-class SetShadow(Args):
-    percent: float | None = None
-    sticky: bool | None = None
-    max_inflight: int | None = None
-    timeout_ms: int | None = None
-    #: action -> mirror policy (stored as that action's rule).
-    mirror: dict[str, MirrorPolicy] = msgspec.field(default_factory=dict)
-
-
-class SetAction(Args):
-    action: str
-    #: Left out: unchanged. ``null``: back to the built-in default.
-    timeout_ms: int | UnsetType | None = UNSET
-    failover: bool | UnsetType | None = UNSET
-    mirror: MirrorPolicy | UnsetType | None = UNSET
-    #: ``""`` removes the pin.
-    pin: str | UnsetType = UNSET
-    translate: bool | UnsetType = UNSET
-    #: Back to the config file's rule for this action.
-    reset: bool = False
-
-
-class Drain(Args):
-    backend: str
-    timeout_s: float = 30.0
-
-
-class Release(Args):
-    model: str
-    #: Release only if this backend owns it (``ctl release MODEL --from B``).
-    from_backend: str | None = None
-
-
-class Reload(Args):
-    #: Also drop every run-time change and make the file the whole truth.
-    reset: bool = False
-
+# The arguments of each command are shim.settings' Structs (SetWeights, SetShadow, ...):
+# unknown fields are errors that name the field; ranges come from the settings' Meta.
 
 Reply = dict[str, Any]
 Handler = Callable[[Any, str], Awaitable[Reply]]
-#: What an addon offers through ``admin_commands()``: raw arguments in, a reply out.
-AddonHandler = Callable[[dict[str, Any]], Reply | Awaitable[Reply]]
+#: What an addon offers through ``commands()``: raw arguments in, a reply out.
+AddonHandler = CommandHandler
+
+#: ``status`` keys for addons whose name differs from the key status has always used
+#: (``shadow`` is the shadow *settings* in status; the addon's activity goes beside it).
+STATUS_KEYS = {"shadow": "shadow_activity", "ejector": "ejection"}
+
+
+class DataPlane(Protocol):
+    """What the control plane reads of the data path (shim.app adapts the proxy).
+
+    ``describe()`` returns ``{"backends": {name: {"dialect", "healthy", "inflight"}},
+    "inflight": int, "accepting": bool, "counts": {name: int}}``.
+    """
+
+    def inflight_of(self, backend: str) -> int:
+        """Requests in flight to ``backend`` now (0 for an unknown one)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,16 +115,34 @@ class Command:
 
 
 class Controller:
-    """Owns every runtime change of one Shim. Started and stopped with it (an extra)."""
+    """Owns every runtime change of one shim. Started and stopped with it.
 
-    def __init__(self, shim: Shim, state: StateFile, audit: AuditLog, *,
-                 reset_state: bool = False) -> None:
-        self.shim = shim
+    ``store``: the Runtime in force; ``addons``: their control-plane hooks; ``state``
+    and ``audit``: where changes are persisted and recorded; ``cfg``: the config the
+    shim was started with (its backends are the running ones, in config order);
+    ``dataplane``: what the data path reports (``DataPlane``); ``health``: the health
+    reply's description (shim.app), or None; ``config_path``: the file ``reload``
+    re-reads (None: reload is refused).
+    """
+
+    def __init__(self, store: RuntimeStore, addons: AddonManager, state: StateFile,
+                 audit: AuditLog, *, cfg: ShimConfig, dataplane: DataPlane,
+                 metrics: Metrics, config_path: Path | None = None,
+                 health: Callable[[], dict[str, Any] | None] | None = None,
+                 started: float | None = None, reset_state: bool = False) -> None:
+        self.store = store
+        self.addons = addons
         self.state = state
         self.audit = audit
+        self.cfg = cfg
+        self.dataplane = dataplane
+        self.metrics = metrics
+        self.config_path = config_path
+        self.health = health
+        self.started = time.time() if started is None else started
         self._reset_state = reset_state
         #: The config file as last (re)loaded; the saved state is a diff against it.
-        self.file_cfg: ShimConfig = shim.cfg
+        self.file_cfg: ShimConfig = cfg
         self._base: Runtime | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.commands: dict[str, Command] = {}
@@ -154,19 +155,25 @@ class Controller:
         self.register("drain", Drain, self.drain)
         self.register("rollback", Args, self.rollback)
         self.register("reload", Reload, self.reload_command)
-        self.register("release", Release, self.release)
-        # Addons add theirs through admin_commands() (e.g. shadow's "diffs"): see start().
+        # Addons add theirs through commands() (shadow's "diffs", ownership's "release",
+        # the recorder's "record_*", the rollout's "rollout_*"): see start().
 
     def register(self, name: str, args: type[Args] | None, run: Handler) -> None:
         """Add a command (``args`` None: the handler validates the raw arguments itself)."""
         self.commands[name] = Command(args, run)
 
     def register_addon(self, name: str, handler: AddonHandler) -> None:
-        """A read-only command offered by an addon; it cannot swap the Runtime."""
+        """A command offered by an addon; it cannot swap the Runtime. A reply with
+        ``changes`` (e.g. ownership's ``release``) is audited and counted like a change."""
         async def run(args: dict[str, Any], client: str) -> Reply:
             result = handler(args)
             if inspect.isawaitable(result):
                 result = await result
+            changes = result.get("changes")
+            if changes:
+                self.metrics.admin_changes.labels(name).inc()
+                self.audit.record(client, name, changes, result.get("audit"))
+                result = {k: v for k, v in result.items() if k != "audit"}
             return {"status": "ok", **result}
 
         self.register(name, None, run)
@@ -188,14 +195,14 @@ class Controller:
     # -- lifecycle -------------------------------------------------------------------
 
     @property
-    def proxy(self) -> Proxy:
-        assert self.shim.proxy is not None, "the controller starts after the proxy"
-        return self.shim.proxy
+    def runtime(self) -> Runtime:
+        """The Runtime in force now."""
+        return self.store.current
 
     @property
     def backends(self) -> list[str]:
         """The running backends, in config order (which fixes the bucket layout)."""
-        return list(self.proxy.pool.backends)
+        return list(self.cfg.backends)
 
     @property
     def base(self) -> Runtime:
@@ -206,15 +213,10 @@ class Controller:
 
     def start(self) -> None:
         """Restore the saved runtime state (unless --reset-state), before traffic starts;
-        take the commands addons offer (an extra's ``admin_commands()``: name -> handler)."""
-        own = getattr(self.shim, "ownership", None)
-        if own is not None:
-            own.audit = self.audit  # duplicate repairs leave an audit line
-        for extra in getattr(self.shim, "extras", []):
-            offered = getattr(extra, "admin_commands", None)
-            for name, handler in (offered() if callable(offered) else {}).items():
-                if name not in self.commands:
-                    self.register_addon(name, handler)
+        take the commands addons offer (``AddonManager.commands()``: name -> handler)."""
+        for name, handler in self.addons.commands().items():
+            if name not in self.commands:
+                self.register_addon(name, handler)
         path = self.state.path
         why = probe_writable(path.parent)
         if why is not None:
@@ -235,7 +237,7 @@ class Controller:
         except StateError as exc:
             log.error("ignoring saved state (%s); starting from the config file", exc)
             return
-        self.proxy.set_runtime(rt)
+        self.store.swap(rt)
         log.warning("restored runtime state from %s: %s", path,
                     format_changes(changes_between(self.base.describe(), rt.describe())))
 
@@ -262,10 +264,13 @@ class Controller:
 
     # -- the one way a change is made ---------------------------------------------------
 
-    async def _apply(self, command: str, client: str, change: Callable[[Runtime], Runtime],
-                     *, always_audit: bool = False, extra: Changes | None = None) -> Reply:
-        """Swap in ``change(current)``, then audit and persist it; after a weight change,
-        return only once ownership has it in force (``_ownership_in_force``).
+    async def apply_change(self, command: str, client: str,
+                           change: Callable[[Runtime], Runtime], *,
+                           always_audit: bool = False, extra: Changes | None = None) -> Reply:
+        """Swap in ``change(current)``, then audit and persist it, then tell the addons
+        (``runtime_changed``; e.g. ownership puts a weight change in force) and return.
+        ``change`` raises CommandError to refuse; nothing is changed then. The reply is
+        ``{"status": "ok", "changes": {path: [old, new]}, ...}`` plus what addons report.
 
         Refused (``read_only``) while the state directory cannot be written: a change
         that would be lost at the next restart is not made. Nothing awaits between
@@ -277,30 +282,30 @@ class Controller:
             raise CommandError("read_only", f"the state directory cannot be written ({why}); "
                                "runtime changes are refused until it can, so that none is "
                                "lost at the next restart")
-        old = self.proxy.runtime
+        old = self.store.current
         new = change(old)
         changes = {**changes_between(old.describe(), new.describe()), **(extra or {})}
         reply: Reply = {"status": "ok", "changes": changes}
         if not changes and not always_audit:
             return reply
-        self.proxy.set_runtime(new)
+        self.store.swap(new)
         if changes:
-            self.shim.metrics.admin_changes.labels(command).inc()
+            self.metrics.admin_changes.labels(command).inc()
         self.audit.record(client, command, changes)
         try:
             await self.state.save(diff(self.base, new))
         except OSError as exc:
             log.error("change applied but not saved to %s: %s", self.state.path, exc.strerror)
             reply["warning"] = f"applied, but not saved to {self.state.path}: {exc.strerror}"
-        if any(path.startswith("weights.") for path in changes):
-            await self._ownership_in_force(reply)
+        reply.update(await self.addons.runtime_changed(old, new))
         return reply
 
     # -- read-only commands ------------------------------------------------------------
 
     async def status(self, args: Args, client: str) -> Reply:
-        proxy, rt = self.proxy, self.proxy.runtime
+        rt = self.store.current
         described = rt.describe()
+        plane = self.dataplane.describe()
         reply: Reply = {
             "status": "ok",
             "mode": rt.mode,
@@ -308,37 +313,37 @@ class Controller:
             "shadow": described["shadow"],
             "safe_backend": self.file_cfg.routing.safe_backend,
             "backends": {
-                name: {"dialect": b.dialect, "weight": rt.weights.get(name, 0.0),
-                       "share": rt.table.share(name), "healthy": b.healthy,
-                       "inflight": b.inflight}
-                for name, b in proxy.pool.backends.items()
+                name: {"dialect": b["dialect"], "weight": rt.weights.get(name, 0.0),
+                       "share": rt.table.share(name), "healthy": b["healthy"],
+                       "inflight": b["inflight"]}
+                for name, b in plane["backends"].items()
             },
             "actions": described["actions"],
-            "inflight": proxy.inflight,
-            "accepting": proxy.accepting,
-            "counts": dict(proxy.counts),
+            "inflight": plane["inflight"],
+            "accepting": plane["accepting"],
+            "counts": dict(plane["counts"]),
             "overrides": diff(self.base, rt).summary(),
-            "uptime_s": round(time.time() - self.shim.started, 3),
-            "config_path": str(self.shim.config_path or ""),
+            "uptime_s": round(time.time() - self.started, 3),
+            "config_path": str(self.config_path or ""),
         }
-        if getattr(self.shim, "prober", None) is not None:  # no longer on the health socket
-            reply["health"] = self.shim.describe_health()
-        for addon, key in (("ownership", "ownership"), ("shadow", "shadow_activity"),
-                           ("rollout", "rollout"), ("ejector", "ejection")):
-            obj = getattr(self.shim, addon, None)
-            if obj is not None and callable(getattr(obj, "describe", None)):
-                reply[key] = obj.describe()
+        health = self.health() if self.health is not None else None
+        if health is not None:  # no longer on the health socket
+            reply["health"] = health
+        for name, described_addon in self.addons.describe().items():
+            key = STATUS_KEYS.get(name, name)
+            if key not in reply:
+                reply[key] = described_addon
         return reply
 
     async def get_config(self, args: Args, client: str) -> Reply:
-        rt = self.proxy.runtime
+        rt = self.store.current
         return {
             "status": "ok",
-            "config_path": str(self.shim.config_path or ""),
+            "config_path": str(self.config_path or ""),
             "config": msgspec.to_builtins(self.file_cfg),
             "runtime": rt.describe(),
             "overrides": msgspec.to_builtins(diff(self.base, rt)),
-            "restart_required": restart_required(self.shim.cfg, self.file_cfg),
+            "restart_required": restart_required(self.cfg, self.file_cfg),
         }
 
     # -- changes -----------------------------------------------------------------------
@@ -348,27 +353,29 @@ class Controller:
             # Percentages: the backends not named share what is left of 100 %.
             weights = _complete(args.weights, rt.weights, self.backends)
             _check(check_weights, weights, set(self.backends))
-            return _with_weights(rt, weights, self.backends)
+            return rt.with_weights(weights, self.backends)
 
-        reply = await self._apply("set_weights", client, change)
-        return {**reply, "weights": self.proxy.runtime.weights}
+        reply = await self.apply_change("set_weights", client, change)
+        return {**reply, "weights": self.store.current.weights}
 
     async def set_mode(self, args: SetMode, client: str) -> Reply:
-        reply = await self._apply("set_mode", client, lambda rt: rt.with_mode(args.mode))
-        return {**reply, "mode": self.proxy.runtime.mode}
+        reply = await self.apply_change("set_mode", client, lambda rt: rt.with_mode(args.mode))
+        return {**reply, "mode": self.store.current.mode}
 
-    async def set_shadow(self, args: SetShadow, client: str) -> Reply:
-        settings = {f: getattr(args, f) for f in ("percent", "sticky", "max_inflight",
-                                                  "timeout_ms") if getattr(args, f) is not None}
-        if not settings and not args.mirror:
-            raise CommandError("bad_request", "set_shadow: nothing to change (give percent, "
-                               "sticky, max_inflight, timeout_ms or mirror)")
-        _check(check_shadow, args.percent, args.max_inflight, args.timeout_ms)
+    async def set_shadow(self, args: Any, client: str) -> Reply:
+        """``SetShadow``: any ShadowSettings field, and ``mirror`` (action -> policy)."""
+        settings = {f: v for f, v in fields_set(args).items()
+                    if f in ShadowSettings.__struct_fields__}
+        mirror: dict[str, Any] = args.mirror
+        if not settings and not mirror:
+            given = ", ".join([*ShadowSettings.__struct_fields__, "mirror"])
+            raise CommandError("bad_request", f"set_shadow: nothing to change (give {given})")
+        _check(check_shadow, settings)
 
         def change(rt: Runtime) -> Runtime:
             if settings:
                 rt = rt.with_shadow(**settings)
-            for action, policy in args.mirror.items():
+            for action, policy in mirror.items():
                 rule = msgspec.structs.replace(rt.overrides.get(action, ActionRule()),
                                                mirror=policy)
                 _check(check_rule, action, rule, self.backends)
@@ -376,36 +383,37 @@ class Controller:
                 rt = rt.with_action(action, rule, self._default_timeout)
             return rt
 
-        reply = await self._apply("set_shadow", client, change)
-        return {**reply, "shadow": self.proxy.runtime.describe()["shadow"]}
+        reply = await self.apply_change("set_shadow", client, change)
+        return {**reply, "shadow": self.store.current.describe()["shadow"]}
 
-    async def set_action(self, args: SetAction, client: str) -> Reply:
-        action = args.action
+    async def set_action(self, args: Any, client: str) -> Reply:
+        """``SetAction``: any ActionRule field (``null``: back to the default), or
+        ``reset`` (back to the config file's rule)."""
+        action: str = args.action
 
         def change(rt: Runtime) -> Runtime:
             if args.reset:
                 rule = self.base.overrides.get(action, ActionRule())
             else:
-                fields = {f: getattr(args, f) for f in ("timeout_ms", "failover", "mirror",
-                                                        "pin", "translate")
-                          if getattr(args, f) is not UNSET}
+                fields = {f: v for f, v in fields_set(args, UNSET).items()
+                          if f in ActionRule.__struct_fields__}
                 if not fields:
-                    raise CommandError("bad_request", "set_action: nothing to change (give "
-                                       "timeout_ms, failover, pin, translate, mirror or reset)")
+                    given = ", ".join([*ActionRule.__struct_fields__, "reset"])
+                    raise CommandError("bad_request", f"set_action: nothing to change (give "
+                                       f"{given})")
                 rule = msgspec.structs.replace(rt.overrides.get(action, ActionRule()), **fields)
             _check(check_rule, action, rule, self.backends)
             if not args.reset:
                 self._check_ownership(action, rule)
             return rt.with_action(action, rule, self._default_timeout)
 
-        reply = await self._apply("set_action", client, change)
-        return {**reply, "action": action, "rule": self.proxy.runtime.describe()["actions"][action]}
+        reply = await self.apply_change("set_action", client, change)
+        return {**reply, "action": action, "rule": self.store.current.describe()["actions"][action]}
 
     async def drain(self, args: Drain, client: str) -> Reply:
         """Weight to 0, then wait (bounded) until the backend's requests have finished."""
         name = args.backend
-        backend = self.proxy.pool.backends.get(name)
-        if backend is None:
+        if name not in self.backends:
             raise CommandError("invalid", f"unknown backend {name!r} "
                                f"(expected one of {', '.join(self.backends)})")
         if not 0 <= args.timeout_s <= MAX_DRAIN_S:
@@ -418,18 +426,19 @@ class Controller:
                 raise CommandError("refused", f"{name} is the only backend: nothing to drain to")
             if not any(weights[n] > 0 for n in others):  # nobody else had traffic: share it
                 weights.update({n: round(100 / len(others), 2) for n in others})
-            return _with_weights(rt, weights, self.backends)
+            return rt.with_weights(weights, self.backends)
 
-        inflight_at_start = backend.inflight
+        inflight_of = self.dataplane.inflight_of
+        inflight_at_start = inflight_of(name)
         started = time.monotonic()
-        reply = await self._apply("drain", client, change)
-        while backend.inflight and time.monotonic() - started < args.timeout_s:
+        reply = await self.apply_change("drain", client, change)
+        while inflight_of(name) and time.monotonic() - started < args.timeout_s:
             await asyncio.sleep(0.02)
-        remaining = backend.inflight
+        remaining = inflight_of(name)
         reply.update(backend=name, inflight_at_start=inflight_at_start, remaining=remaining,
                      waited_s=round(time.monotonic() - started, 3),
-                     weights=self.proxy.runtime.weights)
-        rt = self.proxy.runtime
+                     weights=self.store.current.weights)
+        rt = self.store.current
         warnings = []
         pinned = sorted(a for a, r in rt.rules.items() if r.pin == name)
         if pinned:
@@ -450,15 +459,15 @@ class Controller:
 
         def change(rt: Runtime) -> Runtime:
             weights = {n: 100.0 if n == safe else 0.0 for n in self.backends}
-            rt = _with_weights(rt, weights, self.backends).with_mode("split")
+            rt = rt.with_weights(weights, self.backends).with_mode("split")
             for action, rule in rt.overrides.items():  # run-time pins elsewhere go too
                 configured = self.base.overrides.get(action, ActionRule())
                 if rule.pin and rule.pin != safe and rule != configured:
                     rt = rt.with_action(action, configured, self._default_timeout)
             return rt
 
-        reply = await self._apply("rollback", client, change)
-        rt = self.proxy.runtime
+        reply = await self.apply_change("rollback", client, change)
+        rt = self.store.current
         reply.update(safe_backend=safe, weights=rt.weights, mode=rt.mode)
         pinned = sorted(a for a, r in rt.rules.items() if r.pin and r.pin != safe)
         if pinned:
@@ -466,34 +475,10 @@ class Controller:
                                 + ", ".join(pinned))
         return reply
 
-    async def release(self, args: Release, client: str) -> Reply:
-        """``ctl release MODEL [--from B]``: forget a model's owner (audited).
-
-        For an owner the operator knows is gone (or has unloaded the model by hand)
-        while it does not answer: until then the shim keeps the model with it.
-        """
-        own = getattr(self.shim, "ownership", None)
-        if own is None:
-            raise CommandError("refused", "ownership is disabled: there is nothing to release")
-        if args.from_backend is not None and args.from_backend not in self.backends:
-            raise CommandError("invalid", f"unknown backend {args.from_backend!r} "
-                               f"(expected one of {', '.join(self.backends)})")
-        owner = own.release(args.model, args.from_backend)
-        if owner is None:
-            current = own.owner.get(args.model)
-            raise CommandError("refused", f"model {args.model!r} is "
-                               + (f"owned by {current}, not {args.from_backend}" if current
-                                  else "not owned by any backend") + "; nothing released")
-        changes: dict[str, list[Any]] = {f"ownership.owners.{args.model}": [owner, None]}
-        self.shim.metrics.admin_changes.labels("release").inc()
-        self.audit.record(client, "release", changes, {"model": args.model, "owner": owner})
-        return {"status": "ok", "model": args.model, "released_from": owner,
-                "changes": changes}
-
     def _check_ownership(self, action: str, rule: ActionRule) -> None:
         """With ownership on, refuse rules that would break "one owner per model": a pin
         of an action bound to a model, and ``mirror=always`` for an action that may load."""
-        if getattr(self.shim, "ownership", None) is None:
+        if not self.cfg.ownership.enabled:
             return
         if rule.pin and action in MODEL_BOUND_ACTIONS:
             raise CommandError("refused", f"actions.{action}.pin: {action} requests go to "
@@ -503,13 +488,6 @@ class Controller:
             raise CommandError("refused", f"actions.{action}.mirror=always: a mirrored "
                                f"{action} could load a model on the shadow backend (rule: "
                                "one owner per model); use if_loaded")
-
-    async def _ownership_in_force(self, reply: Reply) -> None:
-        """After a weight change: moves the new weights undo are cancelled and the ones
-        past their unload are finished (bounded), so the change is in force on return."""
-        own = getattr(self.shim, "ownership", None)
-        if own is not None:
-            reply["ownership"] = await own.weights_changed(self.proxy.runtime)
 
     async def reload_command(self, args: Reload, client: str) -> Reply:
         return await self.reload(client, reset=args.reset)
@@ -521,7 +499,7 @@ class Controller:
         run-time changes to the other parts are kept (``reset`` drops them too). Changes
         that need a restart (endpoints, backends, ...) are listed, not applied.
         """
-        path = self.shim.config_path
+        path = self.config_path
         if path is None:
             raise CommandError("refused", "the shim was started without a config file")
         try:
@@ -531,7 +509,7 @@ class Controller:
             log.error("reload of %s refused, nothing changed: %s", path, exc)
             raise CommandError("invalid_config", f"{exc}; nothing was changed") from None
         old_base = self.base
-        policy_changes = changes_between({"policy": self.proxy.policy},
+        policy_changes = changes_between({"policy": dict(self.store.current.policy)},
                                          {"policy": new_cfg.policy})
 
         def change(rt: Runtime) -> Runtime:
@@ -540,22 +518,16 @@ class Controller:
                 new = apply(new_base, kept, self.backends, new_cfg.shim.default_timeout_ms)
             except StateError as exc:
                 raise CommandError("invalid_config", f"{exc}; nothing was changed") from None
-            # Still without yielding: the new base and policy switch with the Runtime. The
-            # policy dict is updated in place: the proxy and its addons share that object.
+            # Still without yielding: the new base switches with the Runtime, which
+            # carries the new load policy and compare rules (one swap).
             self.file_cfg, self._base = new_cfg, new_base
-            if self.proxy.policy != new_cfg.policy:
-                self.proxy.policy.clear()
-                self.proxy.policy.update(new_cfg.policy)
-            shadow = getattr(self.shim, "shadow", None)
-            if shadow is not None:  # its compare rules and diff log
-                shadow.reload(new_cfg.shadow)
             return new
 
-        reply = await self._apply("reload", client, change, always_audit=True,
+        reply = await self.apply_change("reload", client, change, always_audit=True,
                                   extra=policy_changes)
         reply.update(config_path=str(path),
-                     restart_required=restart_required(self.shim.cfg, new_cfg),
-                     kept_overrides=diff(self.base, self.proxy.runtime).summary())
+                     restart_required=restart_required(self.cfg, new_cfg),
+                     kept_overrides=diff(self.base, self.store.current).summary())
         return reply
 
     # -- helpers -----------------------------------------------------------------------
@@ -582,12 +554,7 @@ class Controller:
             if rule.pin and rule.pin not in running:
                 raise StateError(f"actions.{action}.pin {rule.pin!r} is not running "
                                  "(new backends need a restart)")
-        return _with_weights(runtime_from_config(cfg), weights, running)
-
-
-def _with_weights(rt: Runtime, weights: dict[str, float], order: Collection[str]) -> Runtime:
-    """New weights, keyed in the running backends' order (which fixes the buckets)."""
-    return replace(rt, table=RoutingTable({n: float(weights.get(n, 0.0)) for n in order}))
+        return runtime_from_config(cfg).with_weights(weights, running)
 
 
 def _complete(given: dict[str, float], current: dict[str, float],

@@ -7,7 +7,6 @@ token come from the options, else the environment, else the shim's config file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tomllib
@@ -21,6 +20,7 @@ import zmq
 from shim.admin import TOKEN_ENV, generated_token_path, read_token_file
 from shim.config import ACTIONS, ShimSection, is_loopback
 from shim.curve import CERT_ENV, SERVER_KEY_ENV, CurveClient, load_client, make_client_socket
+from shim.settings import ActionRule, ShadowSettings, add_flags, flag_values
 
 ADMIN_ENV = "MMSHIM_ADMIN"
 CONFIG_ENV = "MMSHIM_CONFIG"
@@ -109,13 +109,14 @@ def read_shim_section(path: Path) -> ShimSection:
     Only this table is read: ctl must work where the shim's model files are not.
     """
     text = path.read_text()
-    raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    raw = msgspec.json.decode(text) if path.suffix == ".json" else tomllib.loads(text)
     section = msgspec.convert(raw.get("shim", {}), ShimSection, strict=False)
+    resolved = {}
     for field in ("state_file", "admin_token_file", "admin_curve_secret_file"):
         value = getattr(section, field)
         if value and not Path(value).is_absolute():
-            setattr(section, field, str((path.parent / value).resolve()))
-    return section
+            resolved[field] = str((path.parent / value).resolve())
+    return msgspec.structs.replace(section, **resolved)
 
 
 def connectable(endpoint: str) -> str:
@@ -170,8 +171,7 @@ def _config_section(config: str | None) -> ShimSection:
             raise UsageError(f"cannot read --config {path}: {exc} (--admin and --token-file "
                              "do without it)") from None
     section = ShimSection()  # the defaults, relative to here
-    section.state_file = str(Path(section.state_file).resolve())
-    return section
+    return msgspec.structs.replace(section, state_file=str(Path(section.state_file).resolve()))
 
 
 def resolve_curve(args: argparse.Namespace) -> CurveClient | None:
@@ -208,15 +208,6 @@ class NoToken(Exception):
 Request = tuple[str, dict[str, Any]]
 
 
-def _on_off(value: str) -> bool:
-    lowered = value.lower()
-    if lowered in ("on", "true", "yes", "1"):
-        return True
-    if lowered in ("off", "false", "no", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, got {value!r}")
-
-
 def _pairs(values: Sequence[str], what: str) -> dict[str, str]:
     out = {}
     for item in values:
@@ -238,11 +229,7 @@ def req_weights(args: argparse.Namespace) -> Request:
 
 
 def req_shadow(args: argparse.Namespace) -> Request:
-    body: dict[str, Any] = {k: v for k, v in (("percent", args.percent),
-                                               ("sticky", args.sticky),
-                                               ("max_inflight", args.max_inflight),
-                                               ("timeout_ms", args.timeout_ms))
-                            if v is not None}
+    body: dict[str, Any] = flag_values(args, ShadowSettings)
     mirror = _pairs(args.mirror, "ACTION=always|if_loaded|never")
     if mirror:
         body["mirror"] = mirror
@@ -255,32 +242,16 @@ def req_action(args: argparse.Namespace) -> Request:
     body: dict[str, Any] = {"action": args.action}
     if args.reset:
         body["reset"] = True
-    if args.timeout_ms is not None:
-        body["timeout_ms"] = None if args.timeout_ms == "default" else _int(args.timeout_ms)
-    if args.failover is not None:
-        body["failover"] = None if args.failover == "default" else _on_off(args.failover)
-    if args.mirror is not None:
-        body["mirror"] = None if args.mirror == "default" else args.mirror
-    if args.pin is not None:
-        body["pin"] = "" if args.pin == "none" else args.pin
-    if args.translate is not None:
-        body["translate"] = args.translate
+    body.update(flag_values(args, ActionRule))
     if len(body) == 1:
         raise UsageError("ctl action: nothing to change (see --help)")
     return "set_action", body
 
 
-def _int(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"expected an integer or 'default', got {value!r}") from None
-
-
 def req_call(args: argparse.Namespace) -> Request:
     try:
-        body = json.loads(args.arguments) if args.arguments else {}
-    except ValueError as exc:
+        body = msgspec.json.decode(args.arguments) if args.arguments else {}
+    except msgspec.DecodeError as exc:
         raise UsageError(f"arguments are not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise UsageError("arguments must be a JSON object")
@@ -408,7 +379,7 @@ def show_record(reply: dict[str, Any]) -> str:
 
 
 def show_json(reply: dict[str, Any]) -> str:
-    return json.dumps(reply, indent=2, sort_keys=True)
+    return msgspec.json.format(msgspec.json.encode(reply, order="sorted"), indent=2).decode()
 
 
 # -- the parser --------------------------------------------------------------------------
@@ -444,8 +415,14 @@ Builder = Callable[[argparse.Namespace], Request]
 Renderer = Callable[[dict[str, Any]], str]
 
 
-def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add ``ctl`` and its commands to ``mmshim``'s subparsers."""
+#: Adds commands through ``add_ctl_parser``'s ``command`` helper (``ctl rollout``:
+#: shim.rollout.cli.add_ctl_command), so ctl need not import its extensions.
+Extension = Callable[[Callable[..., argparse.ArgumentParser]], None]
+
+
+def add_ctl_parser(sub: Any, extensions: Sequence[Extension] = ()) -> argparse.ArgumentParser:
+    """Add ``ctl`` and its commands (and the ``extensions``') to ``mmshim``'s
+    subparsers."""
     common = _common_options()
     ctl: argparse.ArgumentParser = sub.add_parser(
         "ctl", parents=[common], help="change a running shim",
@@ -472,21 +449,13 @@ def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
                 lambda a: ("set_mode", {"mode": a.mode}))
     p.add_argument("mode", choices=["split", "shadow"])
     p = command("shadow", "shadow settings and per-action mirror policies", req_shadow)
-    p.add_argument("--percent", type=float, help="share of requests mirrored (0..100)")
-    p.add_argument("--sticky", type=_on_off, metavar="on|off",
-                   help="mirror whole conversations, not single requests")
-    p.add_argument("--max-inflight", type=int, help="shadow requests in flight at most")
-    p.add_argument("--timeout-ms", type=int, help="how long to wait for a shadow reply")
+    add_flags(p, ShadowSettings)  # one flag per field (shim.settings)
     p.add_argument("--mirror", action="append", default=[],
                    metavar="ACTION=always|if_loaded|never", help="repeatable")
     p = command("action", "per-action rule: timeout, failover, pin, translate, mirror",
                 req_action)
     p.add_argument("action", choices=ACTIONS)
-    p.add_argument("--timeout-ms", metavar="MS|default")
-    p.add_argument("--failover", metavar="on|off|default")
-    p.add_argument("--pin", metavar="BACKEND|none")
-    p.add_argument("--translate", type=_on_off, metavar="on|off")
-    p.add_argument("--mirror", choices=["always", "if_loaded", "never", "default"])
+    add_flags(p, ActionRule)  # one flag per field (shim.settings)
     p.add_argument("--reset", action="store_true", help="back to the config file's rule")
     p = command("drain", "weight to 0, then wait until its requests in flight finish",
                 lambda a: ("drain", {"backend": a.backend, "timeout_s": a.drain_timeout}),
@@ -516,9 +485,8 @@ def add_ctl_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--percent", type=float, help="share of conversations recorded (0..100]")
     p.add_argument("--max-bytes", type=int, metavar="N",
                    help="rotate the capture file at N bytes")
-    from shim.rollout.cli import add_ctl_command
-
-    add_ctl_command(command)  # `ctl rollout ...`: shim.rollout.cli
+    for extend in extensions:
+        extend(command)  # e.g. `ctl rollout ...`: shim.rollout.cli
     p = command("call", "send any admin command (e.g. one an addon registered)", req_call,
                 show_json)
     p.add_argument("name", metavar="COMMAND")
@@ -571,13 +539,15 @@ def run(args: argparse.Namespace) -> int:
     return UNAUTHORIZED if reply.get("error") == "unauthorized" else REFUSED
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extensions: Sequence[Extension] = ()) -> int:
     """``python -m shim.ctl ...`` is ``mmshim ctl ...``."""
     parser = argparse.ArgumentParser(prog="mmshim")
-    add_ctl_parser(parser.add_subparsers(dest="command", required=True))
+    add_ctl_parser(parser.add_subparsers(dest="command", required=True), extensions)
     args = parser.parse_args(["ctl", *(sys.argv[1:] if argv is None else argv)])
     return run(args)
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the entry script: its extensions may import ctl
+    from shim.rollout.cli import add_ctl_command
+
+    raise SystemExit(main(extensions=[add_ctl_command]))

@@ -8,17 +8,21 @@ started.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
+
 from shim.compare import Rules
-from shim.config import ACTIONS, STATEFUL_ACTIONS, ActionRule, MirrorPolicy, Mode, ShimConfig
+from shim.config import STATEFUL_ACTIONS, ShimConfig
 from shim.routing import RoutingTable
+from shim.settings import ACTIONS, ActionRule, MirrorPolicy, Mode, Settings, ShadowSettings
 
 #: What shadow mode mirrors by default: read-only requests always, generate only where
-#: the model is already loaded on the shadow side, state changes never.
+#: the model is already loaded on the shadow side, state changes never; an action not
+#: listed (a new operation kind) is never mirrored until a rule says so.
 DEFAULT_MIRROR: dict[str, MirrorPolicy] = {
     "generate": "if_loaded",
     "load": "never",
@@ -33,9 +37,9 @@ DEFAULT_MIRROR: dict[str, MirrorPolicy] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A per-action rule with every default filled in."""
+class Rule(Settings, frozen=True):
+    """A per-action rule with every default filled in (``ActionRule``'s fields, none
+    None); ``status`` shows it with ``msgspec.to_builtins``."""
 
     timeout_ms: int
     failover: bool
@@ -44,14 +48,12 @@ class Rule:
     mirror: MirrorPolicy
 
 
-@dataclass(frozen=True, slots=True)
-class ShadowSettings:
-    """How much traffic shadow mode mirrors, and how much may be in flight."""
-
-    percent: float
-    sticky: bool
-    max_inflight: int
-    timeout_ms: int
+def routing_table(weights: Mapping[str, float], order: Collection[str] | None = None
+                  ) -> RoutingTable:
+    """The one RoutingTable builder: weights (percent) keyed in ``order`` (the running
+    backends' config order, which fixes the bucket layout); backends left out get 0."""
+    names = list(weights) if order is None else list(order)
+    return RoutingTable({n: float(weights.get(n, 0.0)) for n in names})
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +75,16 @@ class Runtime:
     def weights(self) -> dict[str, float]:
         return self.table.weights
 
-    def with_weights(self, weights: dict[str, float]) -> Runtime:
-        return replace(self, table=RoutingTable(weights))
+    def with_weights(self, weights: Mapping[str, float],
+                     order: Collection[str] | None = None) -> Runtime:
+        """New weights (see ``routing_table``); ``order`` defaults to the current one."""
+        return replace(self, table=routing_table(weights, order or list(self.weights)))
 
     def with_mode(self, mode: Mode) -> Runtime:
         return replace(self, mode=mode)
 
     def with_shadow(self, **changes: Any) -> Runtime:
-        return replace(self, shadow=replace(self.shadow, **changes))
+        return replace(self, shadow=msgspec.structs.replace(self.shadow, **changes))
 
     def with_action(self, action: str, rule: ActionRule, default_timeout_ms: int) -> Runtime:
         overrides = {**self.overrides, action: rule}
@@ -92,17 +96,8 @@ class Runtime:
         return {
             "mode": self.mode,
             "weights": dict(self.weights),
-            "shadow": {
-                "percent": self.shadow.percent,
-                "sticky": self.shadow.sticky,
-                "max_inflight": self.shadow.max_inflight,
-                "timeout_ms": self.shadow.timeout_ms,
-            },
-            "actions": {
-                name: {"timeout_ms": r.timeout_ms, "failover": r.failover, "pin": r.pin,
-                       "translate": r.translate, "mirror": r.mirror}
-                for name, r in self.rules.items()
-            },
+            "shadow": msgspec.to_builtins(self.shadow),
+            "actions": {name: msgspec.to_builtins(r) for name, r in self.rules.items()},
         }
 
 
@@ -116,21 +111,19 @@ def resolve_rules(overrides: dict[str, ActionRule], default_timeout_ms: int) -> 
             failover=o.failover if o.failover is not None else action not in STATEFUL_ACTIONS,
             pin=o.pin,
             translate=o.translate,
-            mirror=o.mirror if o.mirror is not None else DEFAULT_MIRROR[action],
+            mirror=o.mirror if o.mirror is not None else DEFAULT_MIRROR.get(action, "never"),
         )
     return rules
 
 
 def runtime_from_config(cfg: ShimConfig) -> Runtime:
     """The runtime a freshly started shim (or a ``reload``) begins with."""
-    weights = {name: cfg.routing.weights.get(name, 0.0) for name in cfg.backends}
-    s = cfg.shadow
     return Runtime(
         mode=cfg.routing.mode,
-        table=RoutingTable(weights),
+        table=routing_table(cfg.routing.weights, cfg.backends),
         rules=resolve_rules(cfg.actions, cfg.shim.default_timeout_ms),
-        shadow=ShadowSettings(percent=s.percent, sticky=s.sticky,
-                              max_inflight=s.max_inflight, timeout_ms=s.timeout_ms),
+        shadow=ShadowSettings(**{f: getattr(cfg.shadow, f)
+                                 for f in ShadowSettings.__struct_fields__}),
         overrides=dict(cfg.actions),
         policy=MappingProxyType(dict(cfg.policy)),
         compare=Rules(cfg.shadow.compare),
@@ -166,3 +159,7 @@ class RuntimeStore:
     def subscribe(self, subscriber: Callable[[Runtime, Runtime], None]) -> None:
         self._subscribers.append(subscriber)
         subscriber(self._current, self._current)
+
+
+__all__ = ["DEFAULT_MIRROR", "Rule", "Runtime", "RuntimeStore", "ShadowSettings",
+           "resolve_rules", "routing_table", "runtime_from_config"]

@@ -17,27 +17,23 @@ import time
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
-from shim.config import ACTIONS, STATEFUL_ACTIONS, ActionRule, Mode, check_weights
+from shim.config import STATEFUL_ACTIONS, check_weights
 from shim.errors import StateError
-from shim.routing import RoutingTable
 from shim.runtime import Runtime, resolve_rules
+from shim.settings import ACTIONS, ActionRule, Mode, ShadowSettings, check_values, partial
 
 STATE_VERSION = 1
 
 
 
 
-class ShadowOverride(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True,
-                     kw_only=True):
-    """Shadow settings that differ from the config; ``None`` means "as configured"."""
-
-    percent: float | None = None
-    sticky: bool | None = None
-    max_inflight: int | None = None
-    timeout_ms: int | None = None
+#: Shadow settings that differ from the config; ``None`` means "as configured". Derived
+#: from shim.settings.ShadowSettings: a new shadow knob is saved without an edit here.
+ShadowOverride = partial(ShadowSettings, "ShadowOverride", bases=(msgspec.Struct,))
 
 
 class RuntimeState(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True,
@@ -48,7 +44,8 @@ class RuntimeState(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     saved_at: float = 0.0
     mode: Mode | None = None
     weights: dict[str, float] | None = None
-    shadow: ShadowOverride = msgspec.field(default_factory=ShadowOverride)
+    shadow: ShadowOverride = msgspec.field(  # type: ignore[valid-type]
+        default_factory=ShadowOverride)
     #: Whole rules for the actions whose rule differs from the config's.
     actions: dict[str, ActionRule] = msgspec.field(default_factory=dict)
 
@@ -94,11 +91,11 @@ def apply(base: Runtime, state: RuntimeState, backends: Collection[str],
         rt = rt.with_mode(state.mode)
     if state.weights is not None:
         # Keep the running backends' order (it fixes the bucket layout).
-        rt = replace(rt, table=RoutingTable({n: state.weights.get(n, 0.0) for n in backends}))
+        rt = rt.with_weights(state.weights, backends)
     changes = {f: getattr(state.shadow, f) for f in _SHADOW_FIELDS
                if getattr(state.shadow, f) is not None}
     if changes:
-        rt = replace(rt, shadow=replace(rt.shadow, **changes))
+        rt = rt.with_shadow(**changes)
     if state.actions:
         overrides = {**rt.overrides, **state.actions}
         rt = replace(rt, overrides=overrides, rules=resolve_rules(overrides, default_timeout_ms))
@@ -131,19 +128,17 @@ def check_state(state: RuntimeState, backends: Collection[str]) -> None:
             check_weights(state.weights, names, "state", "weights")
     except ValueError as exc:
         raise StateError(str(exc)) from None
-    check_shadow(state.shadow.percent, state.shadow.max_inflight, state.shadow.timeout_ms)
+    check_shadow(msgspec.to_builtins(state.shadow))
     for action, rule in state.actions.items():
         check_rule(action, rule, names)
 
 
-def check_shadow(percent: float | None, max_inflight: int | None,
-                 timeout_ms: int | None) -> None:
-    if percent is not None and not 0 <= percent <= 100:
-        raise StateError(f"shadow.percent {percent} must be within 0..100")
-    if max_inflight is not None and max_inflight < 1:
-        raise StateError(f"shadow.max_inflight {max_inflight} must be at least 1")
-    if timeout_ms is not None and timeout_ms <= 0:
-        raise StateError(f"shadow.timeout_ms {timeout_ms} must be positive")
+def check_shadow(values: dict[str, Any]) -> None:
+    """Some shadow settings (field -> value) against ShadowSettings' ``Meta`` ranges."""
+    try:
+        check_values(values, ShadowSettings, "shadow")
+    except ValueError as exc:
+        raise StateError(str(exc)) from None
 
 
 def check_rule(action: str, rule: ActionRule, backends: Collection[str]) -> None:
@@ -152,8 +147,10 @@ def check_rule(action: str, rule: ActionRule, backends: Collection[str]) -> None
         raise StateError(f"unknown action {action!r} (expected one of {', '.join(ACTIONS)})")
     if rule.pin and rule.pin not in backends:
         raise StateError(f"actions.{action}.pin: unknown backend {rule.pin!r}")
-    if rule.timeout_ms is not None and rule.timeout_ms <= 0:
-        raise StateError(f"actions.{action}.timeout_ms must be positive")
+    try:
+        check_values(msgspec.to_builtins(rule), ActionRule, f"actions.{action}")
+    except ValueError as exc:
+        raise StateError(str(exc)) from None
     if action in STATEFUL_ACTIONS and rule.mirror not in (None, "never"):
         # Design invariant 3: a load or unload reaches one backend, once.
         raise StateError(f"actions.{action}.mirror: {action} changes a backend's state "

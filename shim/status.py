@@ -30,17 +30,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
 
 if TYPE_CHECKING:
-    from shim.app import Shim
+    from shim.config import ShimConfig
+    from shim.metrics import Metrics
+    from shim.proxy import Proxy
+
+
+class StatusSource(Protocol):
+    """What the status board reads of a running shim (shim.app's ``Shim`` is one): the
+    config it started with, its metrics, when it started, the proxy once started, the
+    components to describe (``extras``, and ``rollout``/``ejection``/``recorder``/
+    ``ownership``/``shadow`` where set), and the health description."""
+
+    cfg: ShimConfig
+    metrics: Metrics
+    started: float
+    proxy: Proxy | None
+    extras: list[Any]
+
+    def describe_health(self) -> dict[str, Any]: ...
 
 log = logging.getLogger("mmshim.status")
 
@@ -73,7 +91,7 @@ class Sample:
     weights: dict[str, float]
 
 
-def read_counts(shim: Shim) -> dict[str, BackendCounts]:
+def read_counts(shim: StatusSource) -> dict[str, BackendCounts]:
     """Per-backend totals from the shim's own counters (``shim_requests_total``,
     ``shim_timeouts_total``, ``shim_request_latency_seconds``)."""
     m = shim.metrics
@@ -168,7 +186,7 @@ def section_key(component: Any) -> str:
 class StatusBoard:
     """Samples the counters every ``interval_s`` and builds the /api/status document."""
 
-    def __init__(self, shim: Shim, *, interval_s: float = 1.0, keep: int = 300) -> None:
+    def __init__(self, shim: StatusSource, *, interval_s: float = 1.0, keep: int = 300) -> None:
         self._shim = shim
         self.interval_s = interval_s
         self.samples: deque[Sample] = deque(maxlen=keep)
@@ -221,8 +239,9 @@ class StatusBoard:
             "counts": dict(proxy.counts),
             "backends": self._backends(),
         }
-        if shim.ownership is not None:
-            doc["ownership"] = shim.ownership.describe()
+        ownership = getattr(shim, "ownership", None)
+        if ownership is not None:
+            doc["ownership"] = ownership.describe()
         doc["shadow"] = self._shadow()
         # Components in the shim's extras, or hung on it by name (another addon's engine).
         named = [getattr(shim, attr) for attr in ("rollout", "ejection", "recorder")
@@ -253,7 +272,8 @@ class StatusBoard:
         now_counts = read_counts(shim)
         first, _ = self._window()
         span = time.time() - first.t if first is not None else 0.0
-        health = shim.describe_health()["details"]["backends"] if shim.prober else {}
+        health = shim.describe_health()["details"]["backends"] \
+            if getattr(shim, "prober", None) else {}
         out: dict[str, Any] = {}
         for name, backend in shim.proxy.pool.backends.items():
             total = now_counts.get(name, BackendCounts())
@@ -301,12 +321,13 @@ class StatusBoard:
             actions.setdefault(action, {"compared": 0})["paths"] = [
                 {"path": p["path"], "count": p["count"]} for p in report.get("paths", [])]
         out: dict[str, Any] = {"actions": dict(sorted(actions.items()))}
-        if shim.shadow is not None:
-            out["activity"] = shim.shadow.describe()
+        shadow = getattr(shim, "shadow", None)
+        if shadow is not None:
+            out["activity"] = shadow.describe()
         return out
 
     def _refresh_diffs(self) -> None:
-        shadow = self._shim.shadow
+        shadow = getattr(self._shim, "shadow", None)
         if shadow is None or time.monotonic() - self._diffs_read_at < DIFFS_REFRESH_S:
             return
         if self._diffs_task is not None and not self._diffs_task.done():
@@ -334,8 +355,8 @@ class StatusBoard:
         out: list[Any] = []
         for line in tail_lines(audit_path(self._shim.cfg.shim), AUDIT_LINES):
             try:
-                out.append(json.loads(line))
-            except ValueError:
+                out.append(msgspec.json.decode(line))
+            except msgspec.DecodeError:
                 out.append({"line": line})
         return out
 

@@ -18,20 +18,16 @@ after ``KEEPALIVE_S`` and the listen backlog is ``BACKLOG``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING
 
+import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from shim.errors import EndpointInUse
 from shim.status import StatusBoard
-
-if TYPE_CHECKING:
-    from shim.app import Shim
 
 log = logging.getLogger("mmshim.web")
 
@@ -61,10 +57,12 @@ def page_html() -> bytes:
 class WebServer:
     """The HTTP listener; ``start()`` binds (EndpointInUse when it cannot), ``stop()``."""
 
-    def __init__(self, shim: Shim, address: str, board: StatusBoard | None = None) -> None:
-        self._shim = shim
+    def __init__(self, registry: CollectorRegistry, address: str, board: StatusBoard) -> None:
+        """``registry``: what ``/metrics`` exposes; ``board``: what ``/api/status`` shows
+        (both providers, built by shim.app); ``address``: ``host:port``."""
+        self._registry = registry
         self.address = address
-        self.board = board or StatusBoard(shim)
+        self.board = board
         self._runner: web.AppRunner | None = None
         self._busy = 0
         self._page = page_html()
@@ -109,7 +107,7 @@ class WebServer:
             self._busy -= 1
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self._shim.metrics.registry)
+        body = generate_latest(self._registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _status_page(self, request: web.Request) -> web.Response:
@@ -118,5 +116,6 @@ class WebServer:
 
     async def _api_status(self, request: web.Request) -> web.Response:
         doc = self.board.describe()
-        return web.Response(text=json.dumps(doc, default=str), content_type="application/json",
+        return web.Response(body=msgspec.json.encode(doc, enc_hook=str),
+                            content_type="application/json",
                             headers={"Cache-Control": "no-store"})

@@ -1,6 +1,6 @@
 """Progressive cutover: plans (plan), gate statistics (gates), the driver (engine) and its
 synthetic probes (probes). See the README's "Cutover" section."""
 
-from shim.rollout.engine import RolloutEngine, add_rollout
+from shim.rollout.engine import RolloutEngine, RolloutHost
 
-__all__ = ["RolloutEngine", "add_rollout"]
+__all__ = ["RolloutEngine", "RolloutHost"]

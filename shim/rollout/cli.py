@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
+
+import msgspec
 
 from shim.config import load_config
 from shim.errors import ConfigError, PlanError
@@ -26,8 +27,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"mmshim rollout check: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"plan": plan.name, "stages": [s.describe() for s in steps]},
-                         indent=2))
+        doc = {"plan": plan.name, "stages": [s.describe() for s in steps]}
+        print(msgspec.json.format(msgspec.json.encode(doc), indent=2).decode())
     else:
         print(format_check(plan, steps))
     return 0
@@ -74,7 +75,8 @@ def show(reply: dict[str, Any]) -> str:
         lines.append(f"ROLLED BACK stage {rb['stage']} ({rb['stage_name']}) after "
                      f"{rb['baked_s']:.1f} s to {rb['back_to']}: {rb['reason']}")
         if rb.get("figures"):
-            lines.append("  figures: " + json.dumps(rb["figures"], sort_keys=True))
+            lines.append("  figures: "
+                         + msgspec.json.encode(rb["figures"], order="sorted").decode())
     probes = r.get("probes") or {}
     if probes.get("sent"):
         lines.append(f"probes: {probes['sent']} sent, {probes['answered']} answered")

@@ -13,7 +13,6 @@ in count and time. Ctrl-C stops everything it started.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import signal
@@ -26,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from shim.ctl import AdminClient, Unreachable, connectable
@@ -42,10 +42,10 @@ def _request(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, body: dict[str,
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        sock.send(json.dumps(body).encode())
+        sock.send(msgspec.json.encode(body))
         if not sock.poll(int(timeout_s * 1000)):
             return None
-        reply = json.loads(sock.recv())
+        reply = msgspec.json.decode(sock.recv())
         return reply if isinstance(reply, dict) else {"status": "not an object"}
     finally:
         sock.close(0)
@@ -110,7 +110,7 @@ def demo_config(config: Path, out_dir: Path) -> tuple[Path, Path, dict[str, Any]
     for name in ("shim-state.json", "shim-state.rollout.json"):
         (out_dir / name).unlink(missing_ok=True)
     path = out_dir / "shim.json"
-    path.write_text(json.dumps(raw, indent=2))
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(raw), indent=2))
     return path, roomy, raw
 
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         code = _watch(admin, time.monotonic() + args.limit_s)
         final = admin.call("status")
         print(f"\nfinal weights {final.get('weights')}; ownership "
-              f"{json.dumps(final.get('ownership', {}).get('owners', {}))}")
+              f"{msgspec.json.encode(final.get('ownership', {}).get('owners', {})).decode()}")
     except (Unreachable, KeyboardInterrupt) as exc:
         print(f"rollout-demo: stopped: {exc or 'interrupted'}", file=sys.stderr)
     finally:

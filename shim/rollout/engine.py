@@ -2,7 +2,7 @@
 
 It is an addon (it watches every attempt's outcome and latency, per backend and model,
 through ``before_send``/``after_send``) and an extra (started and stopped with the shim).
-Every runtime change it makes goes through the Controller (shim.control ``_apply``): one
+Every runtime change it makes goes through the Controller (``Controller.apply_change``): one
 swap of the Runtime, audited (client ``rollout:<plan>``), persisted in the state file like
 an operator's change. Its own progress (plan, stage, bake time, history) is saved next to
 the state file (``<state_file stem>.rollout.json``, written atomically with
@@ -25,9 +25,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 import msgspec
 from prometheus_client import Counter, Gauge
@@ -46,13 +45,17 @@ from shim.rollout.gates import (
 )
 from shim.rollout.plan import Plan, Step, baseline_weights, decode_plan, model_names, resolve
 from shim.rollout.probes import Prober
-from shim.routing import RoutingTable
 from shim.runtime import Runtime
 from shim.state import atomic_write
 
 if TYPE_CHECKING:
-    from shim.app import Shim
+    import zmq
+
+    from shim.config import ShimConfig
     from shim.control import Controller
+    from shim.metrics import Metrics
+    from shim.ownership import Ownership
+    from shim.proxy import Proxy
 
 log = logging.getLogger("mmshim.rollout")
 
@@ -112,10 +115,24 @@ def outcome_of(reply: bytes | None, elapsed_s: float, timeout_s: float) -> Outco
     return "ok" if str(body.status).lower() in _OK else "error"
 
 
+class RolloutHost(Protocol):
+    """What the engine reads of the shim it runs in (shim.app's ``Shim`` is one): the
+    config it started with, its metrics, the proxy and the ownership addon once started
+    (None before, or when off), and a synchronous ZeroMQ context for the probes."""
+
+    cfg: ShimConfig
+    metrics: Metrics
+    proxy: Proxy | None
+    ownership: Ownership | None
+
+    @property
+    def sync_ctx(self) -> zmq.Context[zmq.Socket[bytes]]: ...
+
+
 class RolloutEngine:
     """One shim's rollouts (one at a time). See the module doc."""
 
-    def __init__(self, shim: Shim, controller: Controller, *,
+    def __init__(self, shim: RolloutHost, controller: Controller, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.shim = shim
         self.controller = controller
@@ -486,11 +503,10 @@ class RolloutEngine:
         order = list(self.shim.cfg.backends)
 
         def change(rt: Runtime) -> Runtime:
-            table = RoutingTable({n: float(weights.get(n, 0.0)) for n in order})
-            return replace(rt, table=table).with_mode(cast(Mode, mode))
+            return rt.with_weights(weights, order).with_mode(cast(Mode, mode))
 
         assert self.plan is not None
-        await self.controller._apply(command, f"rollout:{self.plan.name}", change,
+        await self.controller.apply_change(command, f"rollout:{self.plan.name}", change,
                                      always_audit=True,
                                      extra={"rollout.reason": [None, reason]})
 
@@ -554,7 +570,7 @@ class RolloutEngine:
         assert self.plan is not None
         p = self.plan.probes
         if p.enabled and p.rate_per_s > 0:
-            self._prober = Prober(self.shim._sync_ctx, self.shim.cfg.shim.listen,
+            self._prober = Prober(self.shim.sync_ctx, self.shim.cfg.shim.listen,
                                   rate_per_s=p.rate_per_s, prompt=p.prompt,
                                   max_tokens=p.max_tokens, timeout_ms=p.timeout_ms,
                                   clock=self._clock)
@@ -636,12 +652,4 @@ def _weights(weights: dict[str, float]) -> str:
     return " ".join(f"{n}={w:g}" for n, w in weights.items())
 
 
-def add_rollout(shim: Shim, controller: Controller) -> RolloutEngine:
-    """Give a Shim its rollout engine (an extra, plugged into the proxy when it starts)."""
-    engine = RolloutEngine(shim, controller)
-    shim.extras.append(engine)
-    shim.rollout = engine
-    return engine
-
-
-__all__ = ["RolloutEngine", "RolloutState", "add_rollout", "outcome_of"]
+__all__ = ["RolloutEngine", "RolloutHost", "RolloutState", "outcome_of"]

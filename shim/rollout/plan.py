@@ -28,7 +28,8 @@ import msgspec
 
 from shim.config import ShimConfig
 from shim.errors import PlanError
-from shim.routing import BUCKETS, RoutingTable, bucket_of
+from shim.routing import BUCKETS, bucket_of
+from shim.runtime import routing_table
 
 GateName = Literal["errors", "timeouts", "latency", "shadow", "vram"]
 ALL_GATES: tuple[GateName, ...] = ("errors", "timeouts", "latency", "shadow", "vram")
@@ -200,7 +201,7 @@ def weights_for(units: int, order: list[str], source: str, target: str) -> dict[
 
 def served_by(weights: dict[str, float], models: list[str], target: str) -> set[str]:
     """The models the routing table built from ``weights`` puts on ``target``."""
-    table = RoutingTable(weights)
+    table = routing_table(weights)
     return {m for m in models if table.backend_for(bucket_of("model:" + m)) == target}
 
 
