@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from shim.dialects.base import HealthView, register
 from shim.dialects.ops import (
     NO_PARAMS,
     AccessInfo,
@@ -38,6 +39,9 @@ from shim.dialects.ops import (
 )
 from shim.errors import Code, Malformed, Unsupported
 
+NAME = "mma"
+"""This dialect's registered name (``backends.<name>.dialect = "mma"``)."""
+
 MMS_DEFAULT_MAX_TOKENS = 1024
 """generate_text's default: sent explicitly so an MMS caller keeps its semantics on MMA."""
 
@@ -52,9 +56,10 @@ _COMMANDS = {
     "UNLOAD_MODEL": Kind.UNLOAD,
     "HEALTH_CHECK": Kind.HEALTH,
 }
-# The MMA request an MMS caller's operation becomes. MMA's HEALTH_CHECK says only "ok";
-# its status action carries the totals that MMS health_check and list_models report.
-_FROM_MMS = {
+# The MMA request another dialect's caller's operation (e.g. MMS's) becomes. MMA's
+# HEALTH_CHECK says only "ok"; its status action carries the totals that MMS
+# health_check and list_models report.
+_FROM_OTHERS = {
     Kind.GENERATE: Kind.GENERATE,
     Kind.LOAD: Kind.LOAD,
     Kind.UNLOAD: Kind.UNLOAD,
@@ -87,7 +92,7 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
     if "action" in msg:
         name = loose_str(msg, "action") or repr(msg["action"])
         kind = _ACTIONS.get(name, Kind.OTHER)
-        op = Op(kind=kind, form=Form.ACTION, dialect="mma", raw=msg, policy=policy, name=name,
+        op = Op(kind=kind, form=Form.ACTION, dialect=NAME, raw=msg, policy=policy, name=name,
                 request_id=request_id_of(msg))
         if kind is Kind.GENERATE:
             pref = loose_str(msg, "model_pref") or "fast"  # null or missing: fast, as MMA
@@ -102,7 +107,7 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
     if "command" in msg:
         name = loose_str(msg, "command") or repr(msg["command"])
         kind = _COMMANDS.get(name, Kind.OTHER)
-        op = Op(kind=kind, form=Form.COMMAND, dialect="mma", raw=msg, policy=policy, name=name,
+        op = Op(kind=kind, form=Form.COMMAND, dialect=NAME, raw=msg, policy=policy, name=name,
                 request_id=request_id_of(msg))
         if kind is Kind.LOAD or kind is Kind.UNLOAD:
             # Agents send model_name; some send model_id instead.
@@ -112,7 +117,7 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
             op.model_id = loose_str(msg, "model_id") or loose_str(msg, "model_name")
         return op
     context = loose_dict(msg, "context")
-    return Op(kind=Kind.MODEL_ACCESS, form=Form.MODEL_ACCESS, dialect="mma", raw=msg,
+    return Op(kind=Kind.MODEL_ACCESS, form=Form.MODEL_ACCESS, dialect=NAME, raw=msg,
               policy=policy, request_id=request_id_of(msg),
               model_id=loose_str(msg, "model_id") or None,  # "" is as missing, as in MMA
               quantization=loose_str(context, "quantization_level"),
@@ -142,36 +147,39 @@ def _params(msg: Mapping[str, Any]) -> Params:
         return msgspec.convert(good, Params, strict=False)
 
 
-_NEEDS_MODEL = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD})
-
-
-def local_result(op: Op) -> Result | None:
-    """The failure an MMS caller's request gets without asking MMA, or None.
-
-    MMA names models by preference only; without a model id there is nothing to send.
-    """
-    if op.dialect == "mms" and op.model_id is None and op.kind in _NEEDS_MODEL:
-        return Result(ok=False, message="Missing 'model_id' field")
+def precheck(op: Op) -> Result | None:
+    """The failure MMA itself gives an MMA caller's request whatever its state, when a
+    backend of another dialect serves it in MMA's stead (the same words and codes MMA
+    answers with, protocol.md "MMA dialect"); None when the backend must be asked."""
+    if op.kind is Kind.MODEL_ACCESS and op.model_id is None:
+        return Result(ok=False, message="model_id is required", error_code="MISSING_MODEL_ID",
+                      request_id=op.request_id)
+    if op.kind is Kind.GENERATE:
+        if op.prompt is None:
+            return Result(ok=False, message="Missing 'prompt' field")
+        if op.model_id is None:
+            return Result(ok=False, message=f"No model found for preference: {op.model_pref}")
+    if op.kind in (Kind.LOAD, Kind.UNLOAD) and op.model_id is None:
+        return Result(ok=False, message="Missing 'model_name' field")
     return None
 
 
 def _shape(op: Op) -> Kind:
     """Which MMA request serves ``op``: its own kind for an MMA caller."""
-    if op.dialect == "mma":
+    if op.dialect == NAME:
         return op.kind
-    shape = _FROM_MMS.get(op.kind)
+    shape = _FROM_OTHERS.get(op.kind)
     if shape is None:
-        raise Unsupported(f"MMA has no equivalent of MMS action {op.name!r}")
+        raise Unsupported(f"MMA has no equivalent of {op.dialect.upper()} action {op.name!r}")
     return shape
 
 
 def render_request(op: Op, policy: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The MMA request for an MMS caller's operation (an MMA caller's goes as it came)."""
-    if op.dialect == "mma":
+    """The MMA request for another dialect's caller's operation (an MMA caller's goes as
+    it came, without coming here)."""
+    if op.dialect == NAME:
         return [op.raw]
     shape = _shape(op)
-    if local_result(op) is not None:
-        return []
     if shape is Kind.GENERATE:
         pref = next((p for p, model in policy.items() if model == op.model_id), None)
         if pref is None:
@@ -212,9 +220,6 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
     Raises Malformed (or Unsupported) for a reply that cannot be read; the caller turns
     those into a failed Result.
     """
-    local = local_result(op)
-    if local is not None:
-        return local
     shape = _shape(op)
     if len(replies) != 1:
         raise Malformed(f"expected 1 MMA reply, got {len(replies)}")
@@ -223,15 +228,15 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
         raise Malformed("MMA reply is not a JSON object")
     status = reply.get("status")
     if shape is Kind.OTHER:
-        return Result(ok=status in _SUCCESS, source="mma", raw=replies)
+        return Result(ok=status in _SUCCESS, source=NAME, raw=replies)
     if shape is Kind.MODEL_ACCESS:
         return _access(op, reply, replies)
     if status in _SUCCESS:
-        result = Result(ok=True, source="mma", raw=replies)
+        result = Result(ok=True, source=NAME, raw=replies)
         _READERS[shape](op, reply, result)
         return result
     if status in ("error", "ERROR") or "error_message" in reply:
-        return Result(ok=False, source="mma", raw=replies,
+        return Result(ok=False, source=NAME, raw=replies,
                       message=error_text(reply, "MMA reported an error"))
     raise Malformed(f"unexpected status {status!r}")
 
@@ -309,7 +314,7 @@ _READERS = {
 def _access(op: Op, reply: dict[str, Any], replies: list[Any]) -> Result:
     status = reply.get("status")
     rid = request_id_of(reply)
-    result = Result(ok=status == "MODEL_READY", source="mma", raw=replies,
+    result = Result(ok=status == "MODEL_READY", source=NAME, raw=replies,
                     request_id=rid if rid is not None else op.request_id,
                     model_id=get_str(reply, "model_id") or op.model_id,
                     timestamp=get_timestamp(reply))
@@ -337,14 +342,14 @@ def render_reply(op: Op, r: Result) -> dict[str, Any]:
     When MMA itself produced the result, keys of its reply that the canonical model does
     not cover are carried over, so MMA -> MMA loses nothing.
     """
-    if op.kind is Kind.OTHER and r.source == "mma":
+    if op.kind is Kind.OTHER and r.source == NAME:
         reply = r.raw[0] if len(r.raw) == 1 else None
         if isinstance(reply, dict):
             return reply
     if not r.ok:
         return _failure(op, r)
     out = _RENDERERS[op.kind](op, r)
-    if r.source == "mma" and len(r.raw) == 1 and isinstance(r.raw[0], dict):
+    if r.source == NAME and len(r.raw) == 1 and isinstance(r.raw[0], dict):
         for key, value in r.raw[0].items():
             if key not in out:
                 out[key] = value
@@ -482,3 +487,101 @@ _RENDERERS = {
     Kind.MODEL_ACCESS: _render_access,
     Kind.OTHER: _render_other,
 }
+
+
+# --- health ------------------------------------------------------------------------
+
+
+class _HealthDetails(msgspec.Struct):
+    vram_used_mb: float | None = None
+    vram_budget_mb: float | None = None
+
+
+class _HealthReply(msgspec.Struct):
+    """MMA's health-socket reply: ``{"status": "ok", "details": {...}}`` (protocol.md)."""
+
+    status: str | None = None
+    details: _HealthDetails | None = None
+    vram_used_mb: float | None = None
+    vram_budget_mb: float | None = None
+
+
+def read_health(reply: object) -> HealthView:
+    """MMA's health reply read: its status, and VRAM figures when it reports any (at the
+    top level or under ``details``); an unreadable reply reads as no figures."""
+    try:
+        r = msgspec.convert(reply, _HealthReply)
+    except msgspec.ValidationError:
+        return HealthView()
+    details = r.details or _HealthDetails()
+    return HealthView(
+        status=r.status,
+        vram_used_mb=r.vram_used_mb if r.vram_used_mb is not None else details.vram_used_mb,
+        vram_budget_mb=r.vram_budget_mb if r.vram_budget_mb is not None
+        else details.vram_budget_mb)
+
+
+# --- the dialect -------------------------------------------------------------------
+
+
+def form_of(msg: object) -> Form:
+    """ACTION for ``{"action"}`` (and anything that is not an object), COMMAND for
+    ``{"command"}``, else MODEL_ACCESS."""
+    if not isinstance(msg, dict) or "action" in msg:
+        return Form.ACTION
+    return Form.COMMAND if "command" in msg else Form.MODEL_ACCESS
+
+
+def error_reply(form: Form, code: str, message: str,
+                request: dict[str, Any] | None) -> dict[str, Any]:
+    """The shim's own error in an MMA form: ``{"status": "error"|"ERROR", "message",
+    "error_code"}``; MODEL_ACCESS: MMA's ERROR_LOADING_MODEL shape, echoing the request's
+    ``request_id`` and ``model_id`` (null when absent)."""
+    if form is Form.MODEL_ACCESS:
+        req = request if isinstance(request, dict) else {}
+        return error_body(form, code, message, req.get("request_id"), req.get("model_id"),
+                          datetime.now().isoformat())
+    return error_body(form, code, message)
+
+
+class MMA:
+    """The MMA dialect as a ``shim.dialects.base.Dialect``."""
+
+    name = NAME
+    forms = frozenset({Form.ACTION, Form.COMMAND, Form.MODEL_ACCESS})
+    kinds = frozenset(_FROM_OTHERS)
+    clears_conversations = True
+    #: MMA's health socket answers any bytes; its own word for the probe is HEALTH_CHECK.
+    health_request = b'{"command": "HEALTH_CHECK"}'
+
+    def claims(self, msg: Mapping[str, Any]) -> bool:
+        """MMA reads any object (one with neither action nor command is model access)."""
+        return True
+
+    def form_of(self, msg: object) -> Form:
+        return form_of(msg)
+
+    def parse_request(self, msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
+        return parse_request(msg, policy)
+
+    def precheck(self, op: Op) -> Result | None:
+        return precheck(op)
+
+    def render_request(self, op: Op, policy: Mapping[str, str]) -> list[dict[str, Any]]:
+        return render_request(op, policy)
+
+    def parse_reply(self, op: Op, replies: list[Any]) -> Result:
+        return parse_reply(op, replies)
+
+    def render_reply(self, op: Op, result: Result) -> dict[str, Any]:
+        return render_reply(op, result)
+
+    def error_reply(self, form: Form, code: str, message: str,
+                    request: dict[str, Any] | None) -> dict[str, Any]:
+        return error_reply(form, code, message, request)
+
+    def read_health(self, reply: object) -> HealthView:
+        return read_health(reply)
+
+
+DIALECT = register(MMA())

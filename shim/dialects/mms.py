@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from shim.dialects.base import HealthView, register
 from shim.dialects.ops import (
     AccessInfo,
     Form,
@@ -35,6 +36,18 @@ from shim.dialects.ops import (
     request_id_of,
 )
 from shim.errors import Code, Malformed, Unsupported
+
+NAME = "mms"
+"""This dialect's registered name (``backends.<name>.dialect = "mms"``)."""
+
+ONLY_ACTIONS = frozenset({
+    "generate_text", "load_model", "unload_model", "list_models", "health_check",
+    "get_loaded_models_status", "select_model", "predict_models", "record_usage",
+    "preload_models", "log_performance_metric", "log_model_evaluation",
+    "get_performance_metrics", "get_stats",
+})
+"""Actions only MMS knows: a request naming one is an MMS caller's. ``generate`` is
+known to both and is read as the legacy dialect's."""
 
 MMA_DEFAULT_MAX_TOKENS = 256
 """MMA generate's default: sent explicitly because MMS's own default (1024) is larger."""
@@ -76,7 +89,7 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
     """
     name = msg["action"]
     kind = _KINDS.get(name, Kind.OTHER)
-    op = Op(kind=kind, form=Form.MMS, dialect="mms", raw=msg, policy=policy, name=name,
+    op = Op(kind=kind, form=Form.MMS, dialect=NAME, raw=msg, policy=policy, name=name,
             request_id=request_id_of(msg))
     if kind is Kind.GENERATE:
         op.prompt = loose_str(msg, "prompt")
@@ -91,48 +104,34 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
     return op
 
 
-def local_result(op: Op) -> Result | None:
-    """The failure an MMA caller's request gets without asking MMS, or None.
+_NEEDS_MODEL = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD})
 
-    These are the answers MMA itself gives to such requests, which MMS would word
-    differently (or, for the missing model id, without MMA's error code).
-    """
-    if op.dialect != "mma":
-        return None
-    if op.kind is Kind.MODEL_ACCESS and op.model_id is None:
-        return Result(ok=False, message="model_id is required", error_code="MISSING_MODEL_ID",
-                      request_id=op.request_id)
-    if op.kind is Kind.GENERATE:
-        if op.prompt is None:
-            return Result(ok=False, message="Missing 'prompt' field")
-        if op.model_id is None:
-            return Result(ok=False, message=f"No model found for preference: {op.model_pref}")
-    if op.kind in (Kind.LOAD, Kind.UNLOAD) and op.model_id is None:
-        return Result(ok=False, message="Missing 'model_name' field")
+
+def precheck(op: Op) -> Result | None:
+    """The failure an MMS caller's request without a model id gets when a backend of
+    another dialect serves it: MMA names models by preference only, so there is nothing to
+    send, and MMS's own word for it is used. None when the backend must be asked."""
+    if op.model_id is None and op.kind in _NEEDS_MODEL:
+        return Result(ok=False, message="Missing 'model_id' field")
     return None
 
 
 def _plan(op: Op) -> tuple[str, ...]:
-    if op.dialect == "mms":
+    if op.dialect == NAME:
         return (op.name or "",)
     plan = _PLANS.get(op.kind)
     if plan is None:
         what = op.name if op.kind is Kind.OTHER else op.kind.value
-        raise Unsupported(f"MMS has no equivalent of MMA {what!r}")
+        raise Unsupported(f"MMS has no equivalent of {op.dialect.upper()} {what!r}")
     return plan
 
 
 def render_request(op: Op) -> list[dict[str, Any]]:
-    """The MMS requests serving ``op`` (an MMS caller's request goes as it came).
-
-    Empty when the answer is known without MMS (see ``local_result``).
-    """
-    if op.dialect == "mms":
+    """The MMS requests serving another dialect's caller's ``op`` (an MMS caller's
+    request goes as it came, without coming here)."""
+    if op.dialect == NAME:
         return [op.raw]
-    plan = _plan(op)
-    if local_result(op) is not None:
-        return []
-    return [_request(op, action) for action in plan]
+    return [_request(op, action) for action in _plan(op)]
 
 
 def _request(op: Op, action: str) -> dict[str, Any]:
@@ -163,17 +162,14 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
     Raises Malformed (or Unsupported) for replies that cannot be read; the caller turns
     those into a failed Result.
     """
-    local = local_result(op)
-    if local is not None:
-        return local
     plan = _plan(op)
     if len(replies) != len(plan):
         raise Malformed(f"expected {len(plan)} MMS replies, got {len(replies)}")
     if op.kind is Kind.OTHER:
         reply = replies[0]
         ok = isinstance(reply, dict) and reply.get("status") == "success"
-        return Result(ok=ok, source="mms", raw=replies)
-    result = Result(ok=True, source="mms", raw=replies)
+        return Result(ok=ok, source=NAME, raw=replies)
+    result = Result(ok=True, source=NAME, raw=replies)
     for action, reply in zip(plan, replies, strict=True):
         try:
             failure = _failure_of(action, reply) or _READERS[action](op, reply, result)
@@ -182,7 +178,7 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
                 continue
             raise
         if failure is not None and (op.kind, action) not in _AUXILIARY:
-            return Result(ok=False, source="mms", raw=replies, message=failure,
+            return Result(ok=False, source=NAME, raw=replies, message=failure,
                           error_code=access_error_code(failure)
                           if op.kind is Kind.MODEL_ACCESS else None,
                           request_id=op.request_id, model_id=op.model_id)
@@ -336,14 +332,14 @@ def render_reply(op: Op, r: Result) -> dict[str, Any]:
     """
     if op.kind is Kind.OTHER:
         reply = r.raw[0] if len(r.raw) == 1 else None
-        if r.source == "mms" and isinstance(reply, dict):
+        if r.source == NAME and isinstance(reply, dict):
             return reply
         return error_body(op, r.error_code or Code.BAD_REPLY,
                           r.message or "backend reply is not a JSON object")
     if not r.ok:
         return error_body(op, r.error_code, r.message or "request failed")
     out = _RENDERERS[op.kind](op, r)
-    if r.source == "mms" and len(r.raw) == 1 and isinstance(r.raw[0], dict):
+    if r.source == NAME and len(r.raw) == 1 and isinstance(r.raw[0], dict):
         for key, value in r.raw[0].items():
             if key not in out:
                 out[key] = value
@@ -444,3 +440,71 @@ _RENDERERS: dict[Kind, Callable[[Op, Result], dict[str, Any]]] = {
     Kind.HEALTH: _render_health,
     Kind.LIST_MODELS: _render_list,
 }
+
+
+# --- health ------------------------------------------------------------------------
+
+
+class _HealthReply(msgspec.Struct):
+    """MMS's health-socket reply (protocol.md): only the fields the shim reads."""
+
+    status: str | None = None
+    vram_used_mb: float | None = None
+    vram_budget_mb: float | None = None
+
+
+def read_health(reply: object) -> HealthView:
+    """MMS's health reply read: its status and VRAM figures; unreadable: no figures."""
+    try:
+        r = msgspec.convert(reply, _HealthReply)
+    except msgspec.ValidationError:
+        return HealthView()
+    return HealthView(status=r.status, vram_used_mb=r.vram_used_mb,
+                      vram_budget_mb=r.vram_budget_mb)
+
+
+# --- the dialect -------------------------------------------------------------------
+
+
+class MMS:
+    """The MMS dialect as a ``shim.dialects.base.Dialect``."""
+
+    name = NAME
+    forms = frozenset({Form.MMS})
+    kinds = frozenset(_PLANS)
+    clears_conversations = False  # MMS has no clear_conversation (protocol.md)
+    health_request = b'{"action": "health_check"}'
+
+    def claims(self, msg: Mapping[str, Any]) -> bool:
+        """A request naming an MMS-only action (``ONLY_ACTIONS``)."""
+        action = msg.get("action")
+        return isinstance(action, str) and action in ONLY_ACTIONS
+
+    def form_of(self, msg: object) -> Form:
+        return Form.MMS
+
+    def parse_request(self, msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
+        return parse_request(msg, policy)
+
+    def precheck(self, op: Op) -> Result | None:
+        return precheck(op)
+
+    def render_request(self, op: Op, policy: Mapping[str, str]) -> list[dict[str, Any]]:
+        return render_request(op)
+
+    def parse_reply(self, op: Op, replies: list[Any]) -> Result:
+        return parse_reply(op, replies)
+
+    def render_reply(self, op: Op, result: Result) -> dict[str, Any]:
+        return render_reply(op, result)
+
+    def error_reply(self, form: Form, code: str, message: str,
+                    request: dict[str, Any] | None) -> dict[str, Any]:
+        """``{"status": "error", "message", "error_code"}`` (MMS's own error shape)."""
+        return error_body(None, code, message)
+
+    def read_health(self, reply: object) -> HealthView:
+        return read_health(reply)
+
+
+DIALECT = register(MMS())

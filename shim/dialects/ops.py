@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
 from shim.errors import BadRequest, Malformed
 
-Dialect = Literal["mma", "mms"]
-"""The two wire dialects: ``"mma"`` (legacy ModelManagerAgent) and ``"mms"`` (ModelManagerSuite)."""
+Dialect = str
+"""A wire dialect's registered name (``shim.dialects.base``): ``"mma"`` (legacy
+ModelManagerAgent), ``"mms"`` (ModelManagerSuite), or a deployment's own."""
 
 
 class Kind(StrEnum):
