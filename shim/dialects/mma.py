@@ -27,15 +27,11 @@ from shim.dialects.ops import (
     Params,
     Result,
     error_text,
-    get_bool,
-    get_dict,
-    get_int,
-    get_num,
-    get_str,
-    get_timestamp,
     loose_dict,
+    loose_id,
     loose_str,
     request_id_of,
+    wire,
 )
 from shim.errors import Code, Malformed, Unsupported
 
@@ -241,63 +237,146 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
     raise Malformed(f"unexpected status {status!r}")
 
 
+# MMA's replies as it sends them (protocol.md "MMA dialect"): only the fields the shim
+# reads, each of the JSON type MMA documents (null reads as absent); anything else in a
+# reply is skipped here and carried over as it came by ``render_reply``. A present field
+# of another type makes the reply unusable (Malformed, via ``wire``).
+
+Number = int | float
+Timestamp = int | float | str  # epoch floats and ISO strings, depending on the reply
+
+
+class GenerateReply(msgspec.Struct):
+    response_text: str | None = None
+    model_used: str | None = None
+    conversation_id: str | None = None
+    timestamp: Timestamp | None = None
+
+
+class ClearReply(msgspec.Struct):
+    message: str | None = None
+    conversation_id: str | None = None
+
+
+class LoadedEntry(msgspec.Struct):
+    """One ``loaded_models`` entry."""
+
+    vram_usage_mb: Number | None = None
+    last_used: Number | None = None
+    device: str | None = None
+    quantization: str | None = None
+    is_active: bool | None = None
+
+
+class LoadedReply(msgspec.Struct):
+    """GET_LOADED_MODELS_STATUS, and the first half of ``status``."""
+
+    loaded_models: dict[str, LoadedEntry] | None = None
+    total_models: int | None = None
+    total_vram_used_mb: Number | None = None
+    total_vram_mb: Number | None = None
+
+
+class StatusReply(LoadedReply):
+    routing_policy: dict[str, Any] | None = None
+    health: str | None = None
+    timestamp: Timestamp | None = None
+
+
+class LoadReply(msgspec.Struct):
+    message: str | None = None
+
+
+class HealthCheckReply(msgspec.Struct):
+    """HEALTH_CHECK on the main socket (``loaded_models`` is a count here)."""
+
+    health: str | None = None
+    uptime_seconds: Number | None = None
+    loaded_models: int | None = None
+    total_vram_used_mb: Number | None = None
+    total_vram_mb: Number | None = None
+    timestamp: Timestamp | None = None
+
+
+class AccessInfoReply(msgspec.Struct):
+    message: str | None = None
+    model_path_from_config: str | None = None
+    vram_allocated_mb: Number | None = None
+    quantization_level: str | None = None
+    priority: str | None = None
+
+
+class AccessReply(msgspec.Struct):
+    """MODEL_READY / ERROR_LOADING_MODEL. ``request_id`` is echoed loosely (string or
+    integer); ``error_code`` is taken when it is a string."""
+
+    status: Any = None
+    request_id: Any = None
+    model_id: str | None = None
+    timestamp: Timestamp | None = None
+    access_info: AccessInfoReply | None = None
+    error_code: Any = None
+
+
 def _read_generate(op: Op, reply: dict[str, Any], r: Result) -> None:
-    r.text = get_str(reply, "response_text")
-    if r.text is None:
+    g = wire(reply, GenerateReply)
+    if g.response_text is None:
         raise Malformed("generate reply has no 'response_text'")
-    r.model_id = get_str(reply, "model_used") or op.model_id
-    r.conversation_id = get_str(reply, "conversation_id")
-    r.timestamp = get_timestamp(reply)
+    r.text = g.response_text
+    r.model_id = g.model_used or op.model_id
+    r.conversation_id = g.conversation_id
+    r.timestamp = g.timestamp
 
 
 def _read_clear(op: Op, reply: dict[str, Any], r: Result) -> None:
-    r.message = get_str(reply, "message")
-    r.conversation_id = get_str(reply, "conversation_id")
+    c = wire(reply, ClearReply)
+    r.message = c.message
+    r.conversation_id = c.conversation_id
+
+
+def _loaded(rep: LoadedReply, r: Result) -> None:
+    if rep.loaded_models is None:
+        raise Malformed("reply has no 'loaded_models'")
+    r.loaded_models = {
+        model_id: ModelInfo(
+            vram_mb=e.vram_usage_mb or 0,
+            last_used=e.last_used,
+            device=e.device or "unknown",
+            quantization=e.quantization or "unknown",
+            is_active=True if e.is_active is None else e.is_active,
+        )
+        for model_id, e in rep.loaded_models.items()}
+    r.total_models = rep.total_models
+    r.vram_used_mb = rep.total_vram_used_mb
+    r.vram_budget_mb = rep.total_vram_mb
 
 
 def _read_loaded(op: Op, reply: dict[str, Any], r: Result) -> None:
-    models = get_dict(reply, "loaded_models")
-    if models is None:
-        raise Malformed("reply has no 'loaded_models'")
-    loaded: dict[str, ModelInfo] = {}
-    for model_id, entry in models.items():
-        if not isinstance(entry, dict):
-            raise Malformed(f"loaded_models[{model_id!r}] is not an object")
-        active = get_bool(entry, "is_active")
-        loaded[model_id] = ModelInfo(
-            vram_mb=get_num(entry, "vram_usage_mb") or 0,
-            last_used=get_num(entry, "last_used"),
-            device=get_str(entry, "device") or "unknown",
-            quantization=get_str(entry, "quantization") or "unknown",
-            is_active=True if active is None else active,
-        )
-    r.loaded_models = loaded
-    r.total_models = get_int(reply, "total_models")
-    r.vram_used_mb = get_num(reply, "total_vram_used_mb")
-    r.vram_budget_mb = get_num(reply, "total_vram_mb")
+    _loaded(wire(reply, LoadedReply), r)
 
 
 def _read_status(op: Op, reply: dict[str, Any], r: Result) -> None:
-    _read_loaded(op, reply, r)
-    r.routing_policy = get_dict(reply, "routing_policy")
-    r.health = get_str(reply, "health")
-    r.timestamp = get_timestamp(reply)
+    s = wire(reply, StatusReply)
+    _loaded(s, r)
+    r.routing_policy = s.routing_policy
+    r.health = s.health
+    r.timestamp = s.timestamp
 
 
 def _read_load(op: Op, reply: dict[str, Any], r: Result) -> None:
     r.loaded = True
     r.model_id = op.model_id
-    r.message = get_str(reply, "message")
+    r.message = wire(reply, LoadReply).message
 
 
 def _read_health(op: Op, reply: dict[str, Any], r: Result) -> None:
-    r.health = get_str(reply, "health")
-    uptime = get_num(reply, "uptime_seconds")
-    r.uptime_s = None if uptime is None else float(uptime)
-    r.loaded_count = get_int(reply, "loaded_models")
-    r.vram_used_mb = get_num(reply, "total_vram_used_mb")
-    r.vram_budget_mb = get_num(reply, "total_vram_mb")
-    r.timestamp = get_timestamp(reply)
+    h = wire(reply, HealthCheckReply)
+    r.health = h.health
+    r.uptime_s = None if h.uptime_seconds is None else float(h.uptime_seconds)
+    r.loaded_count = h.loaded_models
+    r.vram_used_mb = h.total_vram_used_mb
+    r.vram_budget_mb = h.total_vram_mb
+    r.timestamp = h.timestamp
 
 
 _READERS = {
@@ -312,27 +391,26 @@ _READERS = {
 
 
 def _access(op: Op, reply: dict[str, Any], replies: list[Any]) -> Result:
-    status = reply.get("status")
-    rid = request_id_of(reply)
-    result = Result(ok=status == "MODEL_READY", source=NAME, raw=replies,
+    a = wire(reply, AccessReply)
+    rid = loose_id(a.request_id)
+    result = Result(ok=a.status == "MODEL_READY", source=NAME, raw=replies,
                     request_id=rid if rid is not None else op.request_id,
-                    model_id=get_str(reply, "model_id") or op.model_id,
-                    timestamp=get_timestamp(reply))
+                    model_id=a.model_id or op.model_id, timestamp=a.timestamp)
     if result.ok:
-        info = get_dict(reply, "access_info") or {}
+        info = a.access_info or AccessInfoReply()
         result.access_info = AccessInfo(
-            message=get_str(info, "message"),
-            model_path_from_config=get_str(info, "model_path_from_config"),
-            vram_allocated_mb=get_num(info, "vram_allocated_mb"),
-            quantization_level=get_str(info, "quantization_level"),
-            priority=get_str(info, "priority"),
+            message=info.message,
+            model_path_from_config=info.model_path_from_config,
+            vram_allocated_mb=info.vram_allocated_mb,
+            quantization_level=info.quantization_level,
+            priority=info.priority,
         )
-    elif status in ("ERROR_LOADING_MODEL", "ERROR", "error"):
+    elif a.status in ("ERROR_LOADING_MODEL", "ERROR", "error"):
         result.message = error_text(reply, "MMA could not load the model")
-        code = reply.get("error_code")
-        result.error_code = code if isinstance(code, str) else "PROCESSING_ERROR"
+        result.error_code = a.error_code if isinstance(a.error_code, str) \
+            else "PROCESSING_ERROR"
     else:
-        raise Malformed(f"unexpected status {status!r}")
+        raise Malformed(f"unexpected status {a.status!r}")
     return result
 
 

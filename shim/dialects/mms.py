@@ -26,14 +26,9 @@ from shim.dialects.ops import (
     Params,
     Result,
     error_text,
-    get_bool,
-    get_dict,
-    get_int,
-    get_num,
-    get_str,
-    get_timestamp,
     loose_str,
     request_id_of,
+    wire,
 )
 from shim.errors import Code, Malformed, Unsupported
 
@@ -232,20 +227,85 @@ def _seconds(value: int | float | None) -> float | None:
     return None if value is None else float(value)
 
 
+# MMS's replies as it sends them (protocol.md "MMS dialect"): only the fields the shim
+# reads, each of the JSON type MMS documents (null reads as absent); anything else is
+# skipped here and carried over as it came by ``render_reply``. A present field of
+# another type makes the reply unusable (Malformed, via ``wire``).
+
+Number = int | float
+
+
+class GenerateTextReply(msgspec.Struct):
+    text: str | None = None
+    model_id: str | None = None
+    tokens_generated: int | None = None
+    conversation_id: str | None = None
+
+
+class LoadReply(msgspec.Struct):
+    """load_model (``loaded``) and unload_model (``unloaded``)."""
+
+    message: str | None = None
+    loaded: bool | None = None
+    unloaded: bool | None = None
+
+
+class LoadedEntry(msgspec.Struct):
+    """One get_loaded_models_status ``loaded_models`` entry."""
+
+    status: str | None = None
+    vram_usage: Number | None = None
+    last_used: Number | None = None
+
+
+class LoadedReply(msgspec.Struct):
+    loaded_models: dict[str, LoadedEntry] | None = None
+
+
+class HealthCheckReply(msgspec.Struct):
+    """health_check on the main socket (``loaded_models`` is a count here)."""
+
+    total_models: int | None = None
+    online_models: int | None = None
+    loaded_models: int | None = None
+    vram_used_mb: Number | None = None
+    vram_budget_mb: Number | None = None
+    model_details: dict[str, Any] | None = None
+    timestamp: Number | str | None = None
+    uptime: Number | None = None
+
+
+class ListEntry(msgspec.Struct):
+    """One list_models entry."""
+
+    model_id: str
+    type: str | None = None
+    estimated_vram_mb: Number | None = None
+    loaded: bool | None = None
+    status: str | None = None
+    last_used: Number | None = None
+
+
+class ListReply(msgspec.Struct):
+    models: list[ListEntry] | None = None
+
+
 def _read_generate(op: Op, reply: dict[str, Any], r: Result) -> str | None:
-    r.text = get_str(reply, "text")
-    if r.text is None:
+    g = wire(reply, GenerateTextReply)
+    if g.text is None:
         raise Malformed("generate_text reply has no 'text'")
-    r.model_id = get_str(reply, "model_id") or op.model_id
-    r.tokens_generated = get_int(reply, "tokens_generated")
-    r.conversation_id = get_str(reply, "conversation_id")
+    r.text = g.text
+    r.model_id = g.model_id or op.model_id
+    r.tokens_generated = g.tokens_generated
+    r.conversation_id = g.conversation_id
     return None
 
 
 def _reader_load(flag: str) -> Callable[[Op, dict[str, Any], Result], str | None]:
     def read(op: Op, reply: dict[str, Any], r: Result) -> str | None:
-        r.message = get_str(reply, "message")
-        if get_bool(reply, flag) is False:
+        rep = wire(reply, LoadReply)
+        r.message = rep.message
+        if getattr(rep, flag) is False:
             return r.message or f"{flag} is false for model {op.model_id!r}"
         r.loaded = True
         r.model_id = op.model_id
@@ -255,17 +315,15 @@ def _reader_load(flag: str) -> Callable[[Op, dict[str, Any], Result], str | None
 
 
 def _read_loaded(op: Op, reply: dict[str, Any], r: Result) -> str | None:
-    models = get_dict(reply, "loaded_models")
-    if models is None:
+    rep = wire(reply, LoadedReply)
+    if rep.loaded_models is None:
         raise Malformed("get_loaded_models_status reply has no 'loaded_models'")
     loaded: dict[str, ModelInfo] = {}
-    for model_id, entry in models.items():
-        if not isinstance(entry, dict):
-            raise Malformed(f"loaded_models[{model_id!r}] is not an object")
-        status = get_str(entry, "status") or "online"
+    for model_id, entry in rep.loaded_models.items():
+        status = entry.status or "online"
         loaded[model_id] = ModelInfo(
-            vram_mb=_mb(get_num(entry, "vram_usage")) or 0,
-            last_used=_seconds(get_num(entry, "last_used")) or 0.0,
+            vram_mb=_mb(entry.vram_usage) or 0,
+            last_used=_seconds(entry.last_used) or 0.0,
             status=status,
             is_active=status == "online",
         )
@@ -274,40 +332,34 @@ def _read_loaded(op: Op, reply: dict[str, Any], r: Result) -> str | None:
 
 
 def _read_health(op: Op, reply: dict[str, Any], r: Result) -> str | None:
+    h = wire(reply, HealthCheckReply)
     r.health = "ok" if reply.get("status") == "healthy" else "degraded"
-    r.total_models = get_int(reply, "total_models")
-    r.online_models = get_int(reply, "online_models")
-    r.loaded_count = get_int(reply, "loaded_models")
-    r.vram_used_mb = _mb(get_num(reply, "vram_used_mb"))
-    r.vram_budget_mb = _mb(get_num(reply, "vram_budget_mb"))
-    r.model_details = get_dict(reply, "model_details")
-    r.timestamp = get_timestamp(reply)
+    r.total_models = h.total_models
+    r.online_models = h.online_models
+    r.loaded_count = h.loaded_models
+    r.vram_used_mb = _mb(h.vram_used_mb)
+    r.vram_budget_mb = _mb(h.vram_budget_mb)
+    r.model_details = h.model_details
+    r.timestamp = h.timestamp
     # health_check carries no uptime (only MMS's health socket does); 0.0 keeps the
     # figure MMA callers expect in a HEALTH_CHECK reply.
-    uptime = get_num(reply, "uptime")
-    r.uptime_s = 0.0 if uptime is None else float(uptime)
+    r.uptime_s = 0.0 if h.uptime is None else float(h.uptime)
     return None
 
 
 def _read_list(op: Op, reply: dict[str, Any], r: Result) -> str | None:
-    entries = reply.get("models")
-    if not isinstance(entries, list):
+    rep = wire(reply, ListReply)
+    if rep.models is None:
         raise Malformed("list_models reply has no 'models' list")
     models: dict[str, ModelInfo] = {}
-    for entry in entries:
-        model_id = entry.get("model_id") if isinstance(entry, dict) else None
-        if not isinstance(model_id, str):
-            raise Malformed("list_models entry without a string 'model_id'")
-        loaded = get_bool(entry, "loaded")
-        status = get_str(entry, "status")
-        if loaded is None:
-            loaded = status == "online"
-        models[model_id] = ModelInfo(
-            vram_mb=_mb(get_num(entry, "estimated_vram_mb")) or 0,
-            last_used=_seconds(get_num(entry, "last_used")),
-            type=get_str(entry, "type") or "unknown",
+    for entry in rep.models:
+        loaded = entry.loaded if entry.loaded is not None else entry.status == "online"
+        models[entry.model_id] = ModelInfo(
+            vram_mb=_mb(entry.estimated_vram_mb) or 0,
+            last_used=_seconds(entry.last_used),
+            type=entry.type or "unknown",
             loaded=loaded,
-            status=status or ("online" if loaded else "available_not_loaded"),
+            status=entry.status or ("online" if loaded else "available_not_loaded"),
             is_active=loaded,
         )
     r.models = models
