@@ -65,6 +65,7 @@ class V3:
     forms: frozenset[Form] = frozenset()
     kinds = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD})
     clears_conversations = False
+    default_max_tokens: int | None = None
     health_request = HEALTH_REQUEST
 
     def claims(self, msg: Mapping[str, Any]) -> bool:
@@ -83,8 +84,12 @@ class V3:
         if op.model_id is None:
             raise Unsupported("v3 needs a model")
         if op.kind is Kind.GENERATE:
+            # Without a limit, the caller's own manager's default (MMA's 256), explicitly.
+            max_tokens = op.params.max_tokens
+            if max_tokens is None:
+                max_tokens = dialects.get(op.dialect).default_max_tokens
             req = Complete(model=op.model_id, input=op.prompt or "",
-                           limits=Limits(max_tokens=op.params.max_tokens))
+                           limits=Limits(max_tokens=max_tokens))
             return [msgspec.to_builtins(req)]
         return [{"op": op.kind.value, "model": op.model_id}]
 

@@ -57,6 +57,9 @@ class Dialect(Protocol):
     #: the shim answers clear_conversation itself and renames the conversation on the
     #: backend (``shim.conversations``).
     clears_conversations: bool
+    #: The generate default of this dialect's own manager (tokens), which a backend of
+    #: another dialect is sent explicitly for its callers; None: no default to carry.
+    default_max_tokens: int | None
     #: The bytes the health prober sends to a backend's health socket.
     health_request: bytes
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from shim.dialects import base
 from shim.dialects.base import HealthView, register
 from shim.dialects.ops import (
     NO_PARAMS,
@@ -38,8 +39,9 @@ from shim.errors import Code, Malformed, Unsupported
 NAME = "mma"
 """This dialect's registered name (``backends.<name>.dialect = "mma"``)."""
 
-MMS_DEFAULT_MAX_TOKENS = 1024
-"""generate_text's default: sent explicitly so an MMS caller keeps its semantics on MMA."""
+DEFAULT_MAX_TOKENS = 256
+"""generate's default (the deployed MMA's): sent explicitly when another dialect's backend
+serves an MMA caller, so the caller keeps MMA's semantics."""
 
 _ACTIONS = {
     "generate": Kind.GENERATE,
@@ -182,8 +184,12 @@ def render_request(op: Op, policy: Mapping[str, str]) -> list[dict[str, Any]]:
             raise Unsupported(f"MMA picks models by preference and no preference maps to "
                               f"{op.model_id!r}")
         p = op.params
-        params: dict[str, Any] = {
-            "max_tokens": p.max_tokens if p.max_tokens is not None else MMS_DEFAULT_MAX_TOKENS}
+        params: dict[str, Any] = {}
+        # The caller's own manager's default, explicitly: MMA's (256) may differ from it.
+        max_tokens = p.max_tokens if p.max_tokens is not None else \
+            base.get(op.dialect).default_max_tokens
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
         if p.temperature is not None:
             params["temperature"] = p.temperature
         if p.top_p is not None:
@@ -437,10 +443,22 @@ def render_reply(op: Op, r: Result) -> dict[str, Any]:
 def _failure(op: Op, r: Result) -> dict[str, Any]:
     message = r.message or "request failed"
     if op.form is Form.MODEL_ACCESS:
-        return error_body(op.form, r.error_code or "PROCESSING_ERROR", message,
+        return error_body(op.form, r.error_code or access_error_code(message), message,
                           r.request_id if r.request_id is not None else op.request_id,
                           r.model_id or op.model_id, _iso(r.timestamp))
     return error_body(op.form, r.error_code, message)
+
+
+def access_error_code(message: str) -> str:
+    """MMA's model-access ``error_code`` (protocol.md, MMA 5) for a failure another
+    dialect's backend reported only in words (e.g. MMS's load_model message)."""
+    text = message.lower()
+    if any(s in text for s in ("unknown model", "not found", "no such model", "not in config",
+                               "not configured")):
+        return "MODEL_NOT_FOUND"
+    if any(s in text for s in ("vram", "memory", "insufficient", "budget")):
+        return "INSUFFICIENT_VRAM"
+    return "PROCESSING_ERROR"
 
 
 def error_body(form: Form, code: str | None, message: str, request_id: object = None,
@@ -629,6 +647,7 @@ class MMA:
     forms = frozenset({Form.ACTION, Form.COMMAND, Form.MODEL_ACCESS})
     kinds = frozenset(_FROM_OTHERS)
     clears_conversations = True
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS
     #: MMA's health socket answers any bytes; its own word for the probe is HEALTH_CHECK.
     health_request = b'{"command": "HEALTH_CHECK"}'
 

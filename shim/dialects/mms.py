@@ -16,6 +16,7 @@ from typing import Any
 
 import msgspec
 
+from shim.dialects import base
 from shim.dialects.base import HealthView, register
 from shim.dialects.ops import (
     AccessInfo,
@@ -44,8 +45,9 @@ ONLY_ACTIONS = frozenset({
 """Actions only MMS knows: a request naming one is an MMS caller's. ``generate`` is
 known to both and is read as the legacy dialect's."""
 
-MMA_DEFAULT_MAX_TOKENS = 256
-"""MMA generate's default: sent explicitly because MMS's own default (1024) is larger."""
+DEFAULT_MAX_TOKENS = 1024
+"""generate_text's default (protocol.md): sent explicitly when another dialect's backend
+serves an MMS caller, so the caller keeps MMS's semantics."""
 
 ACCESS_MESSAGE = "MMS approved model loading"
 """access_info.message of a MODEL_READY served by MMS (MMA says "MMA approved ...")."""
@@ -134,8 +136,12 @@ def _request(op: Op, action: str) -> dict[str, Any]:
         p = op.params
         req: dict[str, Any] = {
             "action": action, "model_id": op.model_id, "prompt": op.prompt,
-            "max_tokens": p.max_tokens if p.max_tokens is not None else MMA_DEFAULT_MAX_TOKENS,
         }
+        # The caller's own manager's default, explicitly: MMS's (1024) may differ from it.
+        max_tokens = p.max_tokens if p.max_tokens is not None else \
+            base.get(op.dialect).default_max_tokens
+        if max_tokens is not None:
+            req["max_tokens"] = max_tokens
         for key in ("temperature", "top_p", "stop", "system_prompt"):
             value = getattr(p, key)
             if value is not None:
@@ -174,8 +180,6 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
             raise
         if failure is not None and (op.kind, action) not in _AUXILIARY:
             return Result(ok=False, source=NAME, raw=replies, message=failure,
-                          error_code=access_error_code(failure)
-                          if op.kind is Kind.MODEL_ACCESS else None,
                           request_id=op.request_id, model_id=op.model_id)
     if op.kind is Kind.MODEL_ACCESS:
         model = (result.models or {}).get(op.model_id or "")
@@ -201,17 +205,6 @@ def _failure_of(action: str, reply: object) -> str | None:
     if status == "error" or (status is None and "error" in reply):
         return error_text(reply, f"MMS {action} failed")
     raise Malformed(f"{action} reply has unexpected status {status!r}")
-
-
-def access_error_code(message: str) -> str:
-    """MMA's model-access error code for an MMS failure message."""
-    text = message.lower()
-    if any(s in text for s in ("unknown model", "not found", "no such model", "not in config",
-                               "not configured")):
-        return "MODEL_NOT_FOUND"
-    if any(s in text for s in ("vram", "memory", "insufficient", "budget")):
-        return "INSUFFICIENT_VRAM"
-    return "PROCESSING_ERROR"
 
 
 def _mb(value: int | float | None) -> int | None:
@@ -525,6 +518,7 @@ class MMS:
     forms = frozenset({Form.MMS})
     kinds = frozenset(_PLANS)
     clears_conversations = False  # MMS has no clear_conversation (protocol.md)
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS
     health_request = b'{"action": "health_check"}'
 
     def claims(self, msg: Mapping[str, Any]) -> bool:

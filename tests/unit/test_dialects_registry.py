@@ -82,6 +82,9 @@ def test_mma_caller_to_a_v3_backend_there_and_back() -> None:
     assert reply["status"] == "ok"
     assert reply["response_text"] == "yo"
     assert reply["model_used"] == "mistral-7b"
+    # Without a limit the caller keeps its own manager's default (MMA: 256), on v3 too.
+    bare = dialects.parse_request({"action": "generate", "prompt": "hi"}, POLICY)
+    assert dialects.render_request(bare, "v3", POLICY)[0]["limits"] == {"max_tokens": 256}
 
 
 def test_v3_failures_and_unreadable_replies_reach_the_caller_in_its_shape() -> None:
