@@ -20,6 +20,7 @@ from typing import Literal
 import msgspec
 from msgspec.structs import replace
 
+from shim import dialects
 from shim.errors import ConfigError
 from shim.settings import ACTIONS, ActionRule, MirrorPolicy, Mode, ShadowSettings
 
@@ -99,7 +100,9 @@ class ShimSection(Base, frozen=True):
 class BackendConfig(Base, frozen=True):
     """One model manager: its dialect, its endpoints, and how long to wait for it."""
 
-    dialect: Literal["mma", "mms"]
+    #: A registered dialect's name (shim.dialects.base): "mma", "mms", or one from a
+    #: module named in ``[dialects] modules``.
+    dialect: str
     endpoints: list[str]
     health: str = ""
     #: Cap on one attempt; the request's own deadline (see [deadlines]) is the other bound.
@@ -109,6 +112,14 @@ class BackendConfig(Base, frozen=True):
     device: str = ""
     #: A second instance of the same backend, used by shadow mode to calibrate noise.
     secondary: str = ""
+
+
+class DialectsSection(Base, frozen=True):
+    """Dialects beyond MMA and MMS: modules imported when the config is loaded, each
+    registering one ``shim.dialects.base.Dialect`` (e.g. ``["mydeploy.v3_dialect"]``,
+    importable from the shim's working directory or the installed packages)."""
+
+    modules: list[str] = msgspec.field(default_factory=list)
 
 
 class RoutingSection(Base, frozen=True):
@@ -250,6 +261,7 @@ class ShimConfig(Base, frozen=True):
     dedup: DedupSection = msgspec.field(default_factory=DedupSection)
     conversations: ConversationsSection = msgspec.field(default_factory=ConversationsSection)
     merge: MergeSection = msgspec.field(default_factory=MergeSection)
+    dialects: DialectsSection = msgspec.field(default_factory=DialectsSection)
     #: model_pref -> model name; empty means "read it from models_file".
     policy: dict[str, str] = msgspec.field(default_factory=dict)
     #: The backends' model config, whose [policy] table the shim shares.
@@ -347,6 +359,7 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
     Changes nothing (``decode_config`` fills the defaults in a copy)."""
     if not cfg.backends:
         raise _fail(source, "backends", "at least one backend is required")
+    _check_dialects(cfg, source)
     for name, backend in cfg.backends.items():
         if not backend.endpoints:
             raise _fail(source, f"backends.{name}.endpoints", "at least one endpoint is required")
@@ -402,6 +415,21 @@ def validate(cfg: ShimConfig, source: str = "<config>") -> None:
         raise _fail(source, "ejection.trial_inflight", "must be 0 (no limit) or more")
     _check_compare(cfg.shadow.compare, source)
     _check_record(cfg.record, source)
+
+
+def _check_dialects(cfg: ShimConfig, source: str) -> None:
+    """Import ``[dialects] modules``, then check each backend's dialect is registered."""
+    for i, module in enumerate(cfg.dialects.modules):
+        try:
+            dialects.load_modules([module])
+        except Exception as exc:  # an import runs arbitrary code: any failure is the config's
+            raise _fail(source, f"dialects.modules[{i}]",
+                        f"cannot import {module!r}: {type(exc).__name__}: {exc}") from None
+    known = dialects.names()
+    for name, backend in cfg.backends.items():
+        if backend.dialect not in known:
+            raise _fail(source, f"backends.{name}.dialect",
+                        f"unknown dialect {backend.dialect!r} (known: {', '.join(known)})")
 
 
 def _check_record(record: RecordSection, source: str) -> None:

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shim import dialects
 from shim.config import ConversationsSection
 from shim.dialects import Kind, Op
 
@@ -91,7 +92,10 @@ class Conversations:
             return None
         cid = op.conversation_id
         entry = self._get(cid)
-        if entry is None or entry.backend is None or dialect_of.get(entry.backend) != "mms":
+        if entry is None or entry.backend is None:
+            return None
+        dialect = dialect_of.get(entry.backend)
+        if dialect is None or dialects.get(dialect).clears_conversations:
             return None
         entry.backend, entry.epoch, entry.seen = None, entry.epoch + 1, time.monotonic()
         return {"status": "ok", "message": f"Conversation {cid} cleared",

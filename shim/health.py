@@ -1,10 +1,11 @@
 """Backend health: active probes of each backend's health socket, and the shim's own.
 
-Probing is Lazy Pirate: a REQ socket, a bounded wait, and on silence the socket is
-thrown away (a REQ that missed its reply can never send again) and a new one made.
-A backend is marked down after ``probe_failures`` silent probes in a row and up again
-on the first answer. The last health reply is kept: its VRAM figures feed the combined
-view in the shim's own health reply and metrics.
+Each backend is probed in its own dialect (``Dialect.health_request``, read back with
+``Dialect.read_health``; shim.dialects.base). Probing is Lazy Pirate: a REQ socket, a
+bounded wait, and on silence the socket is thrown away (a REQ that missed its reply can
+never send again) and a new one made. A backend is marked down after ``probe_failures``
+silent probes in a row and up again on the first answer. The last health reply is kept:
+its VRAM figures feed the combined view in the shim's own health reply and metrics.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from shim import dialects
 from shim.config import HealthSection
+from shim.dialects.base import HealthView
 from shim.metrics import Metrics
 from shim.pool import Backend, BackendPool
 from shim.sockets import bind_or_explain
@@ -37,6 +40,8 @@ class HealthProber:
         self._cfg = cfg
         self._metrics = metrics
         self.last_reply: dict[str, dict[str, Any]] = {}
+        #: The last health reply of each backend, read in the backend's dialect.
+        self.views: dict[str, HealthView] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -53,11 +58,12 @@ class HealthProber:
 
     async def _probe_forever(self, backend: Backend) -> None:
         misses = 0
+        dialect = dialects.get(backend.config.dialect)
         sock = self._socket(backend)
         try:
             while True:
                 started = time.monotonic()
-                reply = await self._probe(sock)
+                reply = await self._probe(sock, dialect.health_request)
                 if reply is None:
                     sock.close(0)
                     sock = self._socket(backend)
@@ -76,7 +82,8 @@ class HealthProber:
                     if time.monotonic() - backend.last_failure > 3 * self._cfg.interval_ms / 1000:
                         backend.failures = 0
                     self.last_reply[backend.name] = reply
-                    self._record_vram(backend.name, reply)
+                    view = self.views[backend.name] = dialect.read_health(reply)
+                    self._record_vram(backend.name, view)
                 self._metrics.backend_up.labels(backend.name).set(1 if backend.healthy else 0)
                 elapsed = time.monotonic() - started
                 await asyncio.sleep(max(0.0, self._cfg.interval_ms / 1000 - elapsed))
@@ -89,8 +96,8 @@ class HealthProber:
         sock.connect(backend.config.health)
         return sock
 
-    async def _probe(self, sock: zmq.asyncio.Socket) -> dict[str, Any] | None:
-        await sock.send(b'{"action": "health_check"}')
+    async def _probe(self, sock: zmq.asyncio.Socket, request: bytes) -> dict[str, Any] | None:
+        await sock.send(request)
         if not await sock.poll(self._cfg.timeout_ms):
             return None
         try:
@@ -99,16 +106,17 @@ class HealthProber:
             return {}
         return reply if isinstance(reply, dict) else {}
 
-    def _record_vram(self, name: str, reply: dict[str, Any]) -> None:
-        used, budget = vram_of(reply)
-        if used is not None:
-            self._metrics.vram_used.labels(name).set(used)
-        if budget is not None:
-            self._metrics.vram_budget.labels(name).set(budget)
+    def _record_vram(self, name: str, view: HealthView) -> None:
+        if view.vram_used_mb is not None:
+            self._metrics.vram_used.labels(name).set(view.vram_used_mb)
+        if view.vram_budget_mb is not None:
+            self._metrics.vram_budget.labels(name).set(view.vram_budget_mb)
 
 
 def vram_of(reply: dict[str, Any]) -> tuple[float | None, float | None]:
-    """VRAM used/budget MB from a backend health reply (either dialect), when present."""
+    """VRAM used/budget MB from an MMA or MMS health reply, when present. Kept for callers
+    that hold only the reply; ``HealthProber.views`` has them read in each backend's own
+    dialect (any registered one)."""
     found = reply.get("details")
     details: dict[str, Any] = found if isinstance(found, dict) else {}
     used = reply.get("vram_used_mb", details.get("vram_used_mb"))

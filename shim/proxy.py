@@ -375,7 +375,7 @@ class Proxy:
     # -- the merged view of what is loaded --------------------------------------------
 
     def _merge_wanted(self, rt: Runtime, op: Op, rule: Rule) -> bool:
-        if op.dialect != "mma" or op.kind not in _MERGED_KINDS or rule.pin:
+        if op.dialect != dialects.LEGACY or op.kind not in _MERGED_KINDS or rule.pin:
             return False
         mode = self.cfg.merge.loaded
         if mode == "never":
@@ -412,7 +412,7 @@ class Proxy:
         bucket = bucket_of(str(key)) if key is not None else random_bucket()
         primary = rt.table.backend_for(bucket)
         candidates = [primary, *(n for n in rt.table.names if n != primary)]
-        if op.dialect != "mma":  # clients already on the new dialect go to it unchanged
+        if op.dialect != dialects.LEGACY:  # clients already on the new dialect go to it unchanged
             candidates.sort(key=lambda n: backends[n].dialect != op.dialect)
         if rule.translate:
             # A backend whose dialect has no equivalent of the operation is never chosen,
@@ -455,7 +455,8 @@ class Proxy:
             translate = rule.translate and op.dialect != backend.dialect
             if translate:
                 sent = op
-                if op.conversation_id is not None and backend.dialect == "mms":
+                if op.conversation_id is not None and \
+                        not dialects.get(backend.dialect).clears_conversations:
                     renamed = self.conversations.backend_id(op.conversation_id)
                     if renamed != op.conversation_id:  # cleared by the shim: a fresh start
                         sent = msgspec.structs.replace(op, conversation_id=renamed)
@@ -526,7 +527,7 @@ class Proxy:
             result.conversation_id = op.conversation_id
         label_devices(result, self._devices.get(name, ""), self._quantization)
         info = result.access_info
-        if info is not None and dialect == "mms":
+        if info is not None and dialect != op.dialect:
             entry = self._catalogue.get(op.model_id or "")
             context = op.raw.get("context")
             given = context if isinstance(context, dict) else {}
@@ -587,9 +588,9 @@ class Proxy:
         if named:
             return named
         primary = rt.table.backend_for(random_bucket())
-        if self._dialects.get(primary) == "mma":
+        if self._dialects.get(primary) == dialects.LEGACY:
             return primary
-        return next((n for n, d in self._dialects.items() if d == "mma"), primary)
+        return next((n for n, d in self._dialects.items() if d == dialects.LEGACY), primary)
 
     # -- lifecycle -------------------------------------------------------------------
 

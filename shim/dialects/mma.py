@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from shim.dialects import base
+from shim.dialects.base import HealthView, register
 from shim.dialects.ops import (
     NO_PARAMS,
     AccessInfo,
@@ -26,20 +28,20 @@ from shim.dialects.ops import (
     Params,
     Result,
     error_text,
-    get_bool,
-    get_dict,
-    get_int,
-    get_num,
-    get_str,
-    get_timestamp,
     loose_dict,
+    loose_id,
     loose_str,
     request_id_of,
+    wire,
 )
 from shim.errors import Code, Malformed, Unsupported
 
-MMS_DEFAULT_MAX_TOKENS = 1024
-"""generate_text's default: sent explicitly so an MMS caller keeps its semantics on MMA."""
+NAME = "mma"
+"""This dialect's registered name (``backends.<name>.dialect = "mma"``)."""
+
+DEFAULT_MAX_TOKENS = 256
+"""generate's default (the deployed MMA's): sent explicitly when another dialect's backend
+serves an MMA caller, so the caller keeps MMA's semantics."""
 
 _ACTIONS = {
     "generate": Kind.GENERATE,
@@ -52,9 +54,10 @@ _COMMANDS = {
     "UNLOAD_MODEL": Kind.UNLOAD,
     "HEALTH_CHECK": Kind.HEALTH,
 }
-# The MMA request an MMS caller's operation becomes. MMA's HEALTH_CHECK says only "ok";
-# its status action carries the totals that MMS health_check and list_models report.
-_FROM_MMS = {
+# The MMA request another dialect's caller's operation (e.g. MMS's) becomes. MMA's
+# HEALTH_CHECK says only "ok"; its status action carries the totals that MMS
+# health_check and list_models report.
+_FROM_OTHERS = {
     Kind.GENERATE: Kind.GENERATE,
     Kind.LOAD: Kind.LOAD,
     Kind.UNLOAD: Kind.UNLOAD,
@@ -87,7 +90,7 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
     if "action" in msg:
         name = loose_str(msg, "action") or repr(msg["action"])
         kind = _ACTIONS.get(name, Kind.OTHER)
-        op = Op(kind=kind, form=Form.ACTION, dialect="mma", raw=msg, policy=policy, name=name,
+        op = Op(kind=kind, form=Form.ACTION, dialect=NAME, raw=msg, policy=policy, name=name,
                 request_id=request_id_of(msg))
         if kind is Kind.GENERATE:
             pref = loose_str(msg, "model_pref") or "fast"  # null or missing: fast, as MMA
@@ -102,7 +105,7 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
     if "command" in msg:
         name = loose_str(msg, "command") or repr(msg["command"])
         kind = _COMMANDS.get(name, Kind.OTHER)
-        op = Op(kind=kind, form=Form.COMMAND, dialect="mma", raw=msg, policy=policy, name=name,
+        op = Op(kind=kind, form=Form.COMMAND, dialect=NAME, raw=msg, policy=policy, name=name,
                 request_id=request_id_of(msg))
         if kind is Kind.LOAD or kind is Kind.UNLOAD:
             # Agents send model_name; some send model_id instead.
@@ -112,7 +115,7 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
             op.model_id = loose_str(msg, "model_id") or loose_str(msg, "model_name")
         return op
     context = loose_dict(msg, "context")
-    return Op(kind=Kind.MODEL_ACCESS, form=Form.MODEL_ACCESS, dialect="mma", raw=msg,
+    return Op(kind=Kind.MODEL_ACCESS, form=Form.MODEL_ACCESS, dialect=NAME, raw=msg,
               policy=policy, request_id=request_id_of(msg),
               model_id=loose_str(msg, "model_id") or None,  # "" is as missing, as in MMA
               quantization=loose_str(context, "quantization_level"),
@@ -142,44 +145,51 @@ def _params(msg: Mapping[str, Any]) -> Params:
         return msgspec.convert(good, Params, strict=False)
 
 
-_NEEDS_MODEL = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD})
-
-
-def local_result(op: Op) -> Result | None:
-    """The failure an MMS caller's request gets without asking MMA, or None.
-
-    MMA names models by preference only; without a model id there is nothing to send.
-    """
-    if op.dialect == "mms" and op.model_id is None and op.kind in _NEEDS_MODEL:
-        return Result(ok=False, message="Missing 'model_id' field")
+def precheck(op: Op) -> Result | None:
+    """The failure MMA itself gives an MMA caller's request whatever its state, when a
+    backend of another dialect serves it in MMA's stead (the same words and codes MMA
+    answers with, protocol.md "MMA dialect"); None when the backend must be asked."""
+    if op.kind is Kind.MODEL_ACCESS and op.model_id is None:
+        return Result(ok=False, message="model_id is required", error_code="MISSING_MODEL_ID",
+                      request_id=op.request_id)
+    if op.kind is Kind.GENERATE:
+        if op.prompt is None:
+            return Result(ok=False, message="Missing 'prompt' field")
+        if op.model_id is None:
+            return Result(ok=False, message=f"No model found for preference: {op.model_pref}")
+    if op.kind in (Kind.LOAD, Kind.UNLOAD) and op.model_id is None:
+        return Result(ok=False, message="Missing 'model_name' field")
     return None
 
 
 def _shape(op: Op) -> Kind:
     """Which MMA request serves ``op``: its own kind for an MMA caller."""
-    if op.dialect == "mma":
+    if op.dialect == NAME:
         return op.kind
-    shape = _FROM_MMS.get(op.kind)
+    shape = _FROM_OTHERS.get(op.kind)
     if shape is None:
-        raise Unsupported(f"MMA has no equivalent of MMS action {op.name!r}")
+        raise Unsupported(f"MMA has no equivalent of {op.dialect.upper()} action {op.name!r}")
     return shape
 
 
 def render_request(op: Op, policy: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The MMA request for an MMS caller's operation (an MMA caller's goes as it came)."""
-    if op.dialect == "mma":
+    """The MMA request for another dialect's caller's operation (an MMA caller's goes as
+    it came, without coming here)."""
+    if op.dialect == NAME:
         return [op.raw]
     shape = _shape(op)
-    if local_result(op) is not None:
-        return []
     if shape is Kind.GENERATE:
         pref = next((p for p, model in policy.items() if model == op.model_id), None)
         if pref is None:
             raise Unsupported(f"MMA picks models by preference and no preference maps to "
                               f"{op.model_id!r}")
         p = op.params
-        params: dict[str, Any] = {
-            "max_tokens": p.max_tokens if p.max_tokens is not None else MMS_DEFAULT_MAX_TOKENS}
+        params: dict[str, Any] = {}
+        # The caller's own manager's default, explicitly: MMA's (256) may differ from it.
+        max_tokens = p.max_tokens if p.max_tokens is not None else \
+            base.get(op.dialect).default_max_tokens
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
         if p.temperature is not None:
             params["temperature"] = p.temperature
         if p.top_p is not None:
@@ -212,9 +222,6 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
     Raises Malformed (or Unsupported) for a reply that cannot be read; the caller turns
     those into a failed Result.
     """
-    local = local_result(op)
-    if local is not None:
-        return local
     shape = _shape(op)
     if len(replies) != 1:
         raise Malformed(f"expected 1 MMA reply, got {len(replies)}")
@@ -223,76 +230,159 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
         raise Malformed("MMA reply is not a JSON object")
     status = reply.get("status")
     if shape is Kind.OTHER:
-        return Result(ok=status in _SUCCESS, source="mma", raw=replies)
+        return Result(ok=status in _SUCCESS, source=NAME, raw=replies)
     if shape is Kind.MODEL_ACCESS:
         return _access(op, reply, replies)
     if status in _SUCCESS:
-        result = Result(ok=True, source="mma", raw=replies)
+        result = Result(ok=True, source=NAME, raw=replies)
         _READERS[shape](op, reply, result)
         return result
     if status in ("error", "ERROR") or "error_message" in reply:
-        return Result(ok=False, source="mma", raw=replies,
+        return Result(ok=False, source=NAME, raw=replies,
                       message=error_text(reply, "MMA reported an error"))
     raise Malformed(f"unexpected status {status!r}")
 
 
+# MMA's replies as it sends them (protocol.md "MMA dialect"): only the fields the shim
+# reads, each of the JSON type MMA documents (null reads as absent); anything else in a
+# reply is skipped here and carried over as it came by ``render_reply``. A present field
+# of another type makes the reply unusable (Malformed, via ``wire``).
+
+Number = int | float
+Timestamp = int | float | str  # epoch floats and ISO strings, depending on the reply
+
+
+class GenerateReply(msgspec.Struct):
+    response_text: str | None = None
+    model_used: str | None = None
+    conversation_id: str | None = None
+    timestamp: Timestamp | None = None
+
+
+class ClearReply(msgspec.Struct):
+    message: str | None = None
+    conversation_id: str | None = None
+
+
+class LoadedEntry(msgspec.Struct):
+    """One ``loaded_models`` entry."""
+
+    vram_usage_mb: Number | None = None
+    last_used: Number | None = None
+    device: str | None = None
+    quantization: str | None = None
+    is_active: bool | None = None
+
+
+class LoadedReply(msgspec.Struct):
+    """GET_LOADED_MODELS_STATUS, and the first half of ``status``."""
+
+    loaded_models: dict[str, LoadedEntry] | None = None
+    total_models: int | None = None
+    total_vram_used_mb: Number | None = None
+    total_vram_mb: Number | None = None
+
+
+class StatusReply(LoadedReply):
+    routing_policy: dict[str, Any] | None = None
+    health: str | None = None
+    timestamp: Timestamp | None = None
+
+
+class LoadReply(msgspec.Struct):
+    message: str | None = None
+
+
+class HealthCheckReply(msgspec.Struct):
+    """HEALTH_CHECK on the main socket (``loaded_models`` is a count here)."""
+
+    health: str | None = None
+    uptime_seconds: Number | None = None
+    loaded_models: int | None = None
+    total_vram_used_mb: Number | None = None
+    total_vram_mb: Number | None = None
+    timestamp: Timestamp | None = None
+
+
+class AccessInfoReply(msgspec.Struct):
+    message: str | None = None
+    model_path_from_config: str | None = None
+    vram_allocated_mb: Number | None = None
+    quantization_level: str | None = None
+    priority: str | None = None
+
+
+class AccessReply(msgspec.Struct):
+    """MODEL_READY / ERROR_LOADING_MODEL. ``request_id`` is echoed loosely (string or
+    integer); ``error_code`` is taken when it is a string."""
+
+    status: Any = None
+    request_id: Any = None
+    model_id: str | None = None
+    timestamp: Timestamp | None = None
+    access_info: AccessInfoReply | None = None
+    error_code: Any = None
+
+
 def _read_generate(op: Op, reply: dict[str, Any], r: Result) -> None:
-    r.text = get_str(reply, "response_text")
-    if r.text is None:
+    g = wire(reply, GenerateReply)
+    if g.response_text is None:
         raise Malformed("generate reply has no 'response_text'")
-    r.model_id = get_str(reply, "model_used") or op.model_id
-    r.conversation_id = get_str(reply, "conversation_id")
-    r.timestamp = get_timestamp(reply)
+    r.text = g.response_text
+    r.model_id = g.model_used or op.model_id
+    r.conversation_id = g.conversation_id
+    r.timestamp = g.timestamp
 
 
 def _read_clear(op: Op, reply: dict[str, Any], r: Result) -> None:
-    r.message = get_str(reply, "message")
-    r.conversation_id = get_str(reply, "conversation_id")
+    c = wire(reply, ClearReply)
+    r.message = c.message
+    r.conversation_id = c.conversation_id
+
+
+def _loaded(rep: LoadedReply, r: Result) -> None:
+    if rep.loaded_models is None:
+        raise Malformed("reply has no 'loaded_models'")
+    r.loaded_models = {
+        model_id: ModelInfo(
+            vram_mb=e.vram_usage_mb or 0,
+            last_used=e.last_used,
+            device=e.device or "unknown",
+            quantization=e.quantization or "unknown",
+            is_active=True if e.is_active is None else e.is_active,
+        )
+        for model_id, e in rep.loaded_models.items()}
+    r.total_models = rep.total_models
+    r.vram_used_mb = rep.total_vram_used_mb
+    r.vram_budget_mb = rep.total_vram_mb
 
 
 def _read_loaded(op: Op, reply: dict[str, Any], r: Result) -> None:
-    models = get_dict(reply, "loaded_models")
-    if models is None:
-        raise Malformed("reply has no 'loaded_models'")
-    loaded: dict[str, ModelInfo] = {}
-    for model_id, entry in models.items():
-        if not isinstance(entry, dict):
-            raise Malformed(f"loaded_models[{model_id!r}] is not an object")
-        active = get_bool(entry, "is_active")
-        loaded[model_id] = ModelInfo(
-            vram_mb=get_num(entry, "vram_usage_mb") or 0,
-            last_used=get_num(entry, "last_used"),
-            device=get_str(entry, "device") or "unknown",
-            quantization=get_str(entry, "quantization") or "unknown",
-            is_active=True if active is None else active,
-        )
-    r.loaded_models = loaded
-    r.total_models = get_int(reply, "total_models")
-    r.vram_used_mb = get_num(reply, "total_vram_used_mb")
-    r.vram_budget_mb = get_num(reply, "total_vram_mb")
+    _loaded(wire(reply, LoadedReply), r)
 
 
 def _read_status(op: Op, reply: dict[str, Any], r: Result) -> None:
-    _read_loaded(op, reply, r)
-    r.routing_policy = get_dict(reply, "routing_policy")
-    r.health = get_str(reply, "health")
-    r.timestamp = get_timestamp(reply)
+    s = wire(reply, StatusReply)
+    _loaded(s, r)
+    r.routing_policy = s.routing_policy
+    r.health = s.health
+    r.timestamp = s.timestamp
 
 
 def _read_load(op: Op, reply: dict[str, Any], r: Result) -> None:
     r.loaded = True
     r.model_id = op.model_id
-    r.message = get_str(reply, "message")
+    r.message = wire(reply, LoadReply).message
 
 
 def _read_health(op: Op, reply: dict[str, Any], r: Result) -> None:
-    r.health = get_str(reply, "health")
-    uptime = get_num(reply, "uptime_seconds")
-    r.uptime_s = None if uptime is None else float(uptime)
-    r.loaded_count = get_int(reply, "loaded_models")
-    r.vram_used_mb = get_num(reply, "total_vram_used_mb")
-    r.vram_budget_mb = get_num(reply, "total_vram_mb")
-    r.timestamp = get_timestamp(reply)
+    h = wire(reply, HealthCheckReply)
+    r.health = h.health
+    r.uptime_s = None if h.uptime_seconds is None else float(h.uptime_seconds)
+    r.loaded_count = h.loaded_models
+    r.vram_used_mb = h.total_vram_used_mb
+    r.vram_budget_mb = h.total_vram_mb
+    r.timestamp = h.timestamp
 
 
 _READERS = {
@@ -307,27 +397,26 @@ _READERS = {
 
 
 def _access(op: Op, reply: dict[str, Any], replies: list[Any]) -> Result:
-    status = reply.get("status")
-    rid = request_id_of(reply)
-    result = Result(ok=status == "MODEL_READY", source="mma", raw=replies,
+    a = wire(reply, AccessReply)
+    rid = loose_id(a.request_id)
+    result = Result(ok=a.status == "MODEL_READY", source=NAME, raw=replies,
                     request_id=rid if rid is not None else op.request_id,
-                    model_id=get_str(reply, "model_id") or op.model_id,
-                    timestamp=get_timestamp(reply))
+                    model_id=a.model_id or op.model_id, timestamp=a.timestamp)
     if result.ok:
-        info = get_dict(reply, "access_info") or {}
+        info = a.access_info or AccessInfoReply()
         result.access_info = AccessInfo(
-            message=get_str(info, "message"),
-            model_path_from_config=get_str(info, "model_path_from_config"),
-            vram_allocated_mb=get_num(info, "vram_allocated_mb"),
-            quantization_level=get_str(info, "quantization_level"),
-            priority=get_str(info, "priority"),
+            message=info.message,
+            model_path_from_config=info.model_path_from_config,
+            vram_allocated_mb=info.vram_allocated_mb,
+            quantization_level=info.quantization_level,
+            priority=info.priority,
         )
-    elif status in ("ERROR_LOADING_MODEL", "ERROR", "error"):
+    elif a.status in ("ERROR_LOADING_MODEL", "ERROR", "error"):
         result.message = error_text(reply, "MMA could not load the model")
-        code = reply.get("error_code")
-        result.error_code = code if isinstance(code, str) else "PROCESSING_ERROR"
+        result.error_code = a.error_code if isinstance(a.error_code, str) \
+            else "PROCESSING_ERROR"
     else:
-        raise Malformed(f"unexpected status {status!r}")
+        raise Malformed(f"unexpected status {a.status!r}")
     return result
 
 
@@ -337,14 +426,14 @@ def render_reply(op: Op, r: Result) -> dict[str, Any]:
     When MMA itself produced the result, keys of its reply that the canonical model does
     not cover are carried over, so MMA -> MMA loses nothing.
     """
-    if op.kind is Kind.OTHER and r.source == "mma":
+    if op.kind is Kind.OTHER and r.source == NAME:
         reply = r.raw[0] if len(r.raw) == 1 else None
         if isinstance(reply, dict):
             return reply
     if not r.ok:
         return _failure(op, r)
     out = _RENDERERS[op.kind](op, r)
-    if r.source == "mma" and len(r.raw) == 1 and isinstance(r.raw[0], dict):
+    if r.source == NAME and len(r.raw) == 1 and isinstance(r.raw[0], dict):
         for key, value in r.raw[0].items():
             if key not in out:
                 out[key] = value
@@ -354,10 +443,22 @@ def render_reply(op: Op, r: Result) -> dict[str, Any]:
 def _failure(op: Op, r: Result) -> dict[str, Any]:
     message = r.message or "request failed"
     if op.form is Form.MODEL_ACCESS:
-        return error_body(op.form, r.error_code or "PROCESSING_ERROR", message,
+        return error_body(op.form, r.error_code or access_error_code(message), message,
                           r.request_id if r.request_id is not None else op.request_id,
                           r.model_id or op.model_id, _iso(r.timestamp))
     return error_body(op.form, r.error_code, message)
+
+
+def access_error_code(message: str) -> str:
+    """MMA's model-access ``error_code`` (protocol.md, MMA 5) for a failure another
+    dialect's backend reported only in words (e.g. MMS's load_model message)."""
+    text = message.lower()
+    if any(s in text for s in ("unknown model", "not found", "no such model", "not in config",
+                               "not configured")):
+        return "MODEL_NOT_FOUND"
+    if any(s in text for s in ("vram", "memory", "insufficient", "budget")):
+        return "INSUFFICIENT_VRAM"
+    return "PROCESSING_ERROR"
 
 
 def error_body(form: Form, code: str | None, message: str, request_id: object = None,
@@ -482,3 +583,102 @@ _RENDERERS = {
     Kind.MODEL_ACCESS: _render_access,
     Kind.OTHER: _render_other,
 }
+
+
+# --- health ------------------------------------------------------------------------
+
+
+class _HealthDetails(msgspec.Struct):
+    vram_used_mb: float | None = None
+    vram_budget_mb: float | None = None
+
+
+class _HealthReply(msgspec.Struct):
+    """MMA's health-socket reply: ``{"status": "ok", "details": {...}}`` (protocol.md)."""
+
+    status: str | None = None
+    details: _HealthDetails | None = None
+    vram_used_mb: float | None = None
+    vram_budget_mb: float | None = None
+
+
+def read_health(reply: object) -> HealthView:
+    """MMA's health reply read: its status, and VRAM figures when it reports any (at the
+    top level or under ``details``); an unreadable reply reads as no figures."""
+    try:
+        r = msgspec.convert(reply, _HealthReply)
+    except msgspec.ValidationError:
+        return HealthView()
+    details = r.details or _HealthDetails()
+    return HealthView(
+        status=r.status,
+        vram_used_mb=r.vram_used_mb if r.vram_used_mb is not None else details.vram_used_mb,
+        vram_budget_mb=r.vram_budget_mb if r.vram_budget_mb is not None
+        else details.vram_budget_mb)
+
+
+# --- the dialect -------------------------------------------------------------------
+
+
+def form_of(msg: object) -> Form:
+    """ACTION for ``{"action"}`` (and anything that is not an object), COMMAND for
+    ``{"command"}``, else MODEL_ACCESS."""
+    if not isinstance(msg, dict) or "action" in msg:
+        return Form.ACTION
+    return Form.COMMAND if "command" in msg else Form.MODEL_ACCESS
+
+
+def error_reply(form: Form, code: str, message: str,
+                request: dict[str, Any] | None) -> dict[str, Any]:
+    """The shim's own error in an MMA form: ``{"status": "error"|"ERROR", "message",
+    "error_code"}``; MODEL_ACCESS: MMA's ERROR_LOADING_MODEL shape, echoing the request's
+    ``request_id`` and ``model_id`` (null when absent)."""
+    if form is Form.MODEL_ACCESS:
+        req = request if isinstance(request, dict) else {}
+        return error_body(form, code, message, req.get("request_id"), req.get("model_id"),
+                          datetime.now().isoformat())
+    return error_body(form, code, message)
+
+
+class MMA:
+    """The MMA dialect as a ``shim.dialects.base.Dialect``."""
+
+    name = NAME
+    forms = frozenset({Form.ACTION, Form.COMMAND, Form.MODEL_ACCESS})
+    kinds = frozenset(_FROM_OTHERS)
+    clears_conversations = True
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS
+    #: MMA's health socket answers any bytes; its own word for the probe is HEALTH_CHECK.
+    health_request = b'{"command": "HEALTH_CHECK"}'
+
+    def claims(self, msg: Mapping[str, Any]) -> bool:
+        """MMA reads any object (one with neither action nor command is model access)."""
+        return True
+
+    def form_of(self, msg: object) -> Form:
+        return form_of(msg)
+
+    def parse_request(self, msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
+        return parse_request(msg, policy)
+
+    def precheck(self, op: Op) -> Result | None:
+        return precheck(op)
+
+    def render_request(self, op: Op, policy: Mapping[str, str]) -> list[dict[str, Any]]:
+        return render_request(op, policy)
+
+    def parse_reply(self, op: Op, replies: list[Any]) -> Result:
+        return parse_reply(op, replies)
+
+    def render_reply(self, op: Op, result: Result) -> dict[str, Any]:
+        return render_reply(op, result)
+
+    def error_reply(self, form: Form, code: str, message: str,
+                    request: dict[str, Any] | None) -> dict[str, Any]:
+        return error_reply(form, code, message, request)
+
+    def read_health(self, reply: object) -> HealthView:
+        return read_health(reply)
+
+
+DIALECT = register(MMA())

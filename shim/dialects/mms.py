@@ -16,6 +16,8 @@ from typing import Any
 
 import msgspec
 
+from shim.dialects import base
+from shim.dialects.base import HealthView, register
 from shim.dialects.ops import (
     AccessInfo,
     Form,
@@ -25,19 +27,27 @@ from shim.dialects.ops import (
     Params,
     Result,
     error_text,
-    get_bool,
-    get_dict,
-    get_int,
-    get_num,
-    get_str,
-    get_timestamp,
     loose_str,
     request_id_of,
+    wire,
 )
 from shim.errors import Code, Malformed, Unsupported
 
-MMA_DEFAULT_MAX_TOKENS = 256
-"""MMA generate's default: sent explicitly because MMS's own default (1024) is larger."""
+NAME = "mms"
+"""This dialect's registered name (``backends.<name>.dialect = "mms"``)."""
+
+ONLY_ACTIONS = frozenset({
+    "generate_text", "load_model", "unload_model", "list_models", "health_check",
+    "get_loaded_models_status", "select_model", "predict_models", "record_usage",
+    "preload_models", "log_performance_metric", "log_model_evaluation",
+    "get_performance_metrics", "get_stats",
+})
+"""Actions only MMS knows: a request naming one is an MMS caller's. ``generate`` is
+known to both and is read as the legacy dialect's."""
+
+DEFAULT_MAX_TOKENS = 1024
+"""generate_text's default (protocol.md): sent explicitly when another dialect's backend
+serves an MMS caller, so the caller keeps MMS's semantics."""
 
 ACCESS_MESSAGE = "MMS approved model loading"
 """access_info.message of a MODEL_READY served by MMS (MMA says "MMA approved ...")."""
@@ -76,7 +86,7 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
     """
     name = msg["action"]
     kind = _KINDS.get(name, Kind.OTHER)
-    op = Op(kind=kind, form=Form.MMS, dialect="mms", raw=msg, policy=policy, name=name,
+    op = Op(kind=kind, form=Form.MMS, dialect=NAME, raw=msg, policy=policy, name=name,
             request_id=request_id_of(msg))
     if kind is Kind.GENERATE:
         op.prompt = loose_str(msg, "prompt")
@@ -91,48 +101,34 @@ def parse_request(msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
     return op
 
 
-def local_result(op: Op) -> Result | None:
-    """The failure an MMA caller's request gets without asking MMS, or None.
+_NEEDS_MODEL = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD})
 
-    These are the answers MMA itself gives to such requests, which MMS would word
-    differently (or, for the missing model id, without MMA's error code).
-    """
-    if op.dialect != "mma":
-        return None
-    if op.kind is Kind.MODEL_ACCESS and op.model_id is None:
-        return Result(ok=False, message="model_id is required", error_code="MISSING_MODEL_ID",
-                      request_id=op.request_id)
-    if op.kind is Kind.GENERATE:
-        if op.prompt is None:
-            return Result(ok=False, message="Missing 'prompt' field")
-        if op.model_id is None:
-            return Result(ok=False, message=f"No model found for preference: {op.model_pref}")
-    if op.kind in (Kind.LOAD, Kind.UNLOAD) and op.model_id is None:
-        return Result(ok=False, message="Missing 'model_name' field")
+
+def precheck(op: Op) -> Result | None:
+    """The failure an MMS caller's request without a model id gets when a backend of
+    another dialect serves it: MMA names models by preference only, so there is nothing to
+    send, and MMS's own word for it is used. None when the backend must be asked."""
+    if op.model_id is None and op.kind in _NEEDS_MODEL:
+        return Result(ok=False, message="Missing 'model_id' field")
     return None
 
 
 def _plan(op: Op) -> tuple[str, ...]:
-    if op.dialect == "mms":
+    if op.dialect == NAME:
         return (op.name or "",)
     plan = _PLANS.get(op.kind)
     if plan is None:
         what = op.name if op.kind is Kind.OTHER else op.kind.value
-        raise Unsupported(f"MMS has no equivalent of MMA {what!r}")
+        raise Unsupported(f"MMS has no equivalent of {op.dialect.upper()} {what!r}")
     return plan
 
 
 def render_request(op: Op) -> list[dict[str, Any]]:
-    """The MMS requests serving ``op`` (an MMS caller's request goes as it came).
-
-    Empty when the answer is known without MMS (see ``local_result``).
-    """
-    if op.dialect == "mms":
+    """The MMS requests serving another dialect's caller's ``op`` (an MMS caller's
+    request goes as it came, without coming here)."""
+    if op.dialect == NAME:
         return [op.raw]
-    plan = _plan(op)
-    if local_result(op) is not None:
-        return []
-    return [_request(op, action) for action in plan]
+    return [_request(op, action) for action in _plan(op)]
 
 
 def _request(op: Op, action: str) -> dict[str, Any]:
@@ -140,8 +136,12 @@ def _request(op: Op, action: str) -> dict[str, Any]:
         p = op.params
         req: dict[str, Any] = {
             "action": action, "model_id": op.model_id, "prompt": op.prompt,
-            "max_tokens": p.max_tokens if p.max_tokens is not None else MMA_DEFAULT_MAX_TOKENS,
         }
+        # The caller's own manager's default, explicitly: MMS's (1024) may differ from it.
+        max_tokens = p.max_tokens if p.max_tokens is not None else \
+            base.get(op.dialect).default_max_tokens
+        if max_tokens is not None:
+            req["max_tokens"] = max_tokens
         for key in ("temperature", "top_p", "stop", "system_prompt"):
             value = getattr(p, key)
             if value is not None:
@@ -163,17 +163,14 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
     Raises Malformed (or Unsupported) for replies that cannot be read; the caller turns
     those into a failed Result.
     """
-    local = local_result(op)
-    if local is not None:
-        return local
     plan = _plan(op)
     if len(replies) != len(plan):
         raise Malformed(f"expected {len(plan)} MMS replies, got {len(replies)}")
     if op.kind is Kind.OTHER:
         reply = replies[0]
         ok = isinstance(reply, dict) and reply.get("status") == "success"
-        return Result(ok=ok, source="mms", raw=replies)
-    result = Result(ok=True, source="mms", raw=replies)
+        return Result(ok=ok, source=NAME, raw=replies)
+    result = Result(ok=True, source=NAME, raw=replies)
     for action, reply in zip(plan, replies, strict=True):
         try:
             failure = _failure_of(action, reply) or _READERS[action](op, reply, result)
@@ -182,9 +179,7 @@ def parse_reply(op: Op, replies: list[Any]) -> Result:
                 continue
             raise
         if failure is not None and (op.kind, action) not in _AUXILIARY:
-            return Result(ok=False, source="mms", raw=replies, message=failure,
-                          error_code=access_error_code(failure)
-                          if op.kind is Kind.MODEL_ACCESS else None,
+            return Result(ok=False, source=NAME, raw=replies, message=failure,
                           request_id=op.request_id, model_id=op.model_id)
     if op.kind is Kind.MODEL_ACCESS:
         model = (result.models or {}).get(op.model_id or "")
@@ -212,17 +207,6 @@ def _failure_of(action: str, reply: object) -> str | None:
     raise Malformed(f"{action} reply has unexpected status {status!r}")
 
 
-def access_error_code(message: str) -> str:
-    """MMA's model-access error code for an MMS failure message."""
-    text = message.lower()
-    if any(s in text for s in ("unknown model", "not found", "no such model", "not in config",
-                               "not configured")):
-        return "MODEL_NOT_FOUND"
-    if any(s in text for s in ("vram", "memory", "insufficient", "budget")):
-        return "INSUFFICIENT_VRAM"
-    return "PROCESSING_ERROR"
-
-
 def _mb(value: int | float | None) -> int | None:
     """Megabytes as a whole number, the type the MMA dialect uses."""
     if value is None or isinstance(value, int):
@@ -236,20 +220,85 @@ def _seconds(value: int | float | None) -> float | None:
     return None if value is None else float(value)
 
 
+# MMS's replies as it sends them (protocol.md "MMS dialect"): only the fields the shim
+# reads, each of the JSON type MMS documents (null reads as absent); anything else is
+# skipped here and carried over as it came by ``render_reply``. A present field of
+# another type makes the reply unusable (Malformed, via ``wire``).
+
+Number = int | float
+
+
+class GenerateTextReply(msgspec.Struct):
+    text: str | None = None
+    model_id: str | None = None
+    tokens_generated: int | None = None
+    conversation_id: str | None = None
+
+
+class LoadReply(msgspec.Struct):
+    """load_model (``loaded``) and unload_model (``unloaded``)."""
+
+    message: str | None = None
+    loaded: bool | None = None
+    unloaded: bool | None = None
+
+
+class LoadedEntry(msgspec.Struct):
+    """One get_loaded_models_status ``loaded_models`` entry."""
+
+    status: str | None = None
+    vram_usage: Number | None = None
+    last_used: Number | None = None
+
+
+class LoadedReply(msgspec.Struct):
+    loaded_models: dict[str, LoadedEntry] | None = None
+
+
+class HealthCheckReply(msgspec.Struct):
+    """health_check on the main socket (``loaded_models`` is a count here)."""
+
+    total_models: int | None = None
+    online_models: int | None = None
+    loaded_models: int | None = None
+    vram_used_mb: Number | None = None
+    vram_budget_mb: Number | None = None
+    model_details: dict[str, Any] | None = None
+    timestamp: Number | str | None = None
+    uptime: Number | None = None
+
+
+class ListEntry(msgspec.Struct):
+    """One list_models entry."""
+
+    model_id: str
+    type: str | None = None
+    estimated_vram_mb: Number | None = None
+    loaded: bool | None = None
+    status: str | None = None
+    last_used: Number | None = None
+
+
+class ListReply(msgspec.Struct):
+    models: list[ListEntry] | None = None
+
+
 def _read_generate(op: Op, reply: dict[str, Any], r: Result) -> str | None:
-    r.text = get_str(reply, "text")
-    if r.text is None:
+    g = wire(reply, GenerateTextReply)
+    if g.text is None:
         raise Malformed("generate_text reply has no 'text'")
-    r.model_id = get_str(reply, "model_id") or op.model_id
-    r.tokens_generated = get_int(reply, "tokens_generated")
-    r.conversation_id = get_str(reply, "conversation_id")
+    r.text = g.text
+    r.model_id = g.model_id or op.model_id
+    r.tokens_generated = g.tokens_generated
+    r.conversation_id = g.conversation_id
     return None
 
 
 def _reader_load(flag: str) -> Callable[[Op, dict[str, Any], Result], str | None]:
     def read(op: Op, reply: dict[str, Any], r: Result) -> str | None:
-        r.message = get_str(reply, "message")
-        if get_bool(reply, flag) is False:
+        rep = wire(reply, LoadReply)
+        r.message = rep.message
+        if getattr(rep, flag) is False:
             return r.message or f"{flag} is false for model {op.model_id!r}"
         r.loaded = True
         r.model_id = op.model_id
@@ -259,17 +308,15 @@ def _reader_load(flag: str) -> Callable[[Op, dict[str, Any], Result], str | None
 
 
 def _read_loaded(op: Op, reply: dict[str, Any], r: Result) -> str | None:
-    models = get_dict(reply, "loaded_models")
-    if models is None:
+    rep = wire(reply, LoadedReply)
+    if rep.loaded_models is None:
         raise Malformed("get_loaded_models_status reply has no 'loaded_models'")
     loaded: dict[str, ModelInfo] = {}
-    for model_id, entry in models.items():
-        if not isinstance(entry, dict):
-            raise Malformed(f"loaded_models[{model_id!r}] is not an object")
-        status = get_str(entry, "status") or "online"
+    for model_id, entry in rep.loaded_models.items():
+        status = entry.status or "online"
         loaded[model_id] = ModelInfo(
-            vram_mb=_mb(get_num(entry, "vram_usage")) or 0,
-            last_used=_seconds(get_num(entry, "last_used")) or 0.0,
+            vram_mb=_mb(entry.vram_usage) or 0,
+            last_used=_seconds(entry.last_used) or 0.0,
             status=status,
             is_active=status == "online",
         )
@@ -278,40 +325,34 @@ def _read_loaded(op: Op, reply: dict[str, Any], r: Result) -> str | None:
 
 
 def _read_health(op: Op, reply: dict[str, Any], r: Result) -> str | None:
+    h = wire(reply, HealthCheckReply)
     r.health = "ok" if reply.get("status") == "healthy" else "degraded"
-    r.total_models = get_int(reply, "total_models")
-    r.online_models = get_int(reply, "online_models")
-    r.loaded_count = get_int(reply, "loaded_models")
-    r.vram_used_mb = _mb(get_num(reply, "vram_used_mb"))
-    r.vram_budget_mb = _mb(get_num(reply, "vram_budget_mb"))
-    r.model_details = get_dict(reply, "model_details")
-    r.timestamp = get_timestamp(reply)
+    r.total_models = h.total_models
+    r.online_models = h.online_models
+    r.loaded_count = h.loaded_models
+    r.vram_used_mb = _mb(h.vram_used_mb)
+    r.vram_budget_mb = _mb(h.vram_budget_mb)
+    r.model_details = h.model_details
+    r.timestamp = h.timestamp
     # health_check carries no uptime (only MMS's health socket does); 0.0 keeps the
     # figure MMA callers expect in a HEALTH_CHECK reply.
-    uptime = get_num(reply, "uptime")
-    r.uptime_s = 0.0 if uptime is None else float(uptime)
+    r.uptime_s = 0.0 if h.uptime is None else float(h.uptime)
     return None
 
 
 def _read_list(op: Op, reply: dict[str, Any], r: Result) -> str | None:
-    entries = reply.get("models")
-    if not isinstance(entries, list):
+    rep = wire(reply, ListReply)
+    if rep.models is None:
         raise Malformed("list_models reply has no 'models' list")
     models: dict[str, ModelInfo] = {}
-    for entry in entries:
-        model_id = entry.get("model_id") if isinstance(entry, dict) else None
-        if not isinstance(model_id, str):
-            raise Malformed("list_models entry without a string 'model_id'")
-        loaded = get_bool(entry, "loaded")
-        status = get_str(entry, "status")
-        if loaded is None:
-            loaded = status == "online"
-        models[model_id] = ModelInfo(
-            vram_mb=_mb(get_num(entry, "estimated_vram_mb")) or 0,
-            last_used=_seconds(get_num(entry, "last_used")),
-            type=get_str(entry, "type") or "unknown",
+    for entry in rep.models:
+        loaded = entry.loaded if entry.loaded is not None else entry.status == "online"
+        models[entry.model_id] = ModelInfo(
+            vram_mb=_mb(entry.estimated_vram_mb) or 0,
+            last_used=_seconds(entry.last_used),
+            type=entry.type or "unknown",
             loaded=loaded,
-            status=status or ("online" if loaded else "available_not_loaded"),
+            status=entry.status or ("online" if loaded else "available_not_loaded"),
             is_active=loaded,
         )
     r.models = models
@@ -336,14 +377,14 @@ def render_reply(op: Op, r: Result) -> dict[str, Any]:
     """
     if op.kind is Kind.OTHER:
         reply = r.raw[0] if len(r.raw) == 1 else None
-        if r.source == "mms" and isinstance(reply, dict):
+        if r.source == NAME and isinstance(reply, dict):
             return reply
         return error_body(op, r.error_code or Code.BAD_REPLY,
                           r.message or "backend reply is not a JSON object")
     if not r.ok:
         return error_body(op, r.error_code, r.message or "request failed")
     out = _RENDERERS[op.kind](op, r)
-    if r.source == "mms" and len(r.raw) == 1 and isinstance(r.raw[0], dict):
+    if r.source == NAME and len(r.raw) == 1 and isinstance(r.raw[0], dict):
         for key, value in r.raw[0].items():
             if key not in out:
                 out[key] = value
@@ -444,3 +485,72 @@ _RENDERERS: dict[Kind, Callable[[Op, Result], dict[str, Any]]] = {
     Kind.HEALTH: _render_health,
     Kind.LIST_MODELS: _render_list,
 }
+
+
+# --- health ------------------------------------------------------------------------
+
+
+class _HealthReply(msgspec.Struct):
+    """MMS's health-socket reply (protocol.md): only the fields the shim reads."""
+
+    status: str | None = None
+    vram_used_mb: float | None = None
+    vram_budget_mb: float | None = None
+
+
+def read_health(reply: object) -> HealthView:
+    """MMS's health reply read: its status and VRAM figures; unreadable: no figures."""
+    try:
+        r = msgspec.convert(reply, _HealthReply)
+    except msgspec.ValidationError:
+        return HealthView()
+    return HealthView(status=r.status, vram_used_mb=r.vram_used_mb,
+                      vram_budget_mb=r.vram_budget_mb)
+
+
+# --- the dialect -------------------------------------------------------------------
+
+
+class MMS:
+    """The MMS dialect as a ``shim.dialects.base.Dialect``."""
+
+    name = NAME
+    forms = frozenset({Form.MMS})
+    kinds = frozenset(_PLANS)
+    clears_conversations = False  # MMS has no clear_conversation (protocol.md)
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS
+    health_request = b'{"action": "health_check"}'
+
+    def claims(self, msg: Mapping[str, Any]) -> bool:
+        """A request naming an MMS-only action (``ONLY_ACTIONS``)."""
+        action = msg.get("action")
+        return isinstance(action, str) and action in ONLY_ACTIONS
+
+    def form_of(self, msg: object) -> Form:
+        return Form.MMS
+
+    def parse_request(self, msg: dict[str, Any], policy: Mapping[str, str]) -> Op:
+        return parse_request(msg, policy)
+
+    def precheck(self, op: Op) -> Result | None:
+        return precheck(op)
+
+    def render_request(self, op: Op, policy: Mapping[str, str]) -> list[dict[str, Any]]:
+        return render_request(op)
+
+    def parse_reply(self, op: Op, replies: list[Any]) -> Result:
+        return parse_reply(op, replies)
+
+    def render_reply(self, op: Op, result: Result) -> dict[str, Any]:
+        return render_reply(op, result)
+
+    def error_reply(self, form: Form, code: str, message: str,
+                    request: dict[str, Any] | None) -> dict[str, Any]:
+        """``{"status": "error", "message", "error_code"}`` (MMS's own error shape)."""
+        return error_body(None, code, message)
+
+    def read_health(self, reply: object) -> HealthView:
+        return read_health(reply)
+
+
+DIALECT = register(MMS())

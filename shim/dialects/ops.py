@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import msgspec
 
-from shim.errors import BadRequest, Malformed
+from shim.errors import Malformed
 
-Dialect = Literal["mma", "mms"]
-"""The two wire dialects: ``"mma"`` (legacy ModelManagerAgent) and ``"mms"`` (ModelManagerSuite)."""
+Dialect = str
+"""A wire dialect's registered name (``shim.dialects.base``): ``"mma"`` (legacy
+ModelManagerAgent), ``"mms"`` (ModelManagerSuite), or a deployment's own."""
 
 
 class Kind(StrEnum):
@@ -148,25 +149,24 @@ class Result(msgspec.Struct, kw_only=True):
     timestamp: float | str | None = None  # the backend's own, when it sent one
 
 
-# --- errors -------------------------------------------------------------------------
+# --- reading wire messages ------------------------------------------------------------
+
+T = TypeVar("T")
 
 
-# --- typed field access -------------------------------------------------------------
-# Missing (or null) keys read as None, so that callers choose the default; a key that is
-# present with the wrong JSON type raises, naming the key. Requests raise BadRequest,
-# replies raise Malformed.
+def wire(reply: object, shape: type[T]) -> T:
+    """A backend reply (decoded JSON) read as the dialect's msgspec Struct ``shape``
+    (strict types: msgspec's ``convert``); Malformed, naming the field, when it is not."""
+    try:
+        return msgspec.convert(reply, shape)
+    except msgspec.ValidationError as exc:
+        raise Malformed(str(exc)) from None
 
 
-def _type_name(value: object) -> str:
-    return type(value).__name__
-
-
-def req_str(msg: Mapping[str, Any], key: str) -> str | None:
-    """``msg[key]`` as a string, None when absent; BadRequest when of another type."""
-    value = msg.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    raise BadRequest(f"'{key}' must be a string, got {_type_name(value)}")
+# --- loose request fields -----------------------------------------------------------
+# Requests are read as loosely as the legacy endpoint read them (protocol.md, "Field
+# types are loose"): only what routing and translation need, the request itself goes on
+# untouched, so an odd type reads as absent rather than refusing the request.
 
 
 def loose_str(msg: Mapping[str, Any], key: str) -> str | None:
@@ -188,65 +188,16 @@ def loose_dict(msg: Mapping[str, Any], key: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def req_dict(msg: Mapping[str, Any], key: str) -> dict[str, Any] | None:
-    """``msg[key]`` as an object, None when absent; BadRequest when of another type."""
-    value = msg.get(key)
-    if value is None or isinstance(value, dict):
-        return value
-    raise BadRequest(f"'{key}' must be an object, got {_type_name(value)}")
-
-
-def request_id_of(msg: Mapping[str, Any]) -> str | int | None:
-    """The caller's ``request_id`` when it is a string or an integer (echoed as sent)."""
-    value = msg.get("request_id")
+def loose_id(value: object) -> str | int | None:
+    """A ``request_id`` when it is a string or an integer (echoed as sent), else None."""
     if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
         return value
     return None
 
 
-def get_str(reply: Mapping[str, Any], key: str) -> str | None:
-    value = reply.get(key)
-    if value is None or isinstance(value, str):
-        return value
-    raise Malformed(f"'{key}' must be a string, got {_type_name(value)}")
-
-
-def get_num(reply: Mapping[str, Any], key: str) -> int | float | None:
-    value = reply.get(key)
-    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
-        return value
-    raise Malformed(f"'{key}' must be a number, got {_type_name(value)}")
-
-
-def get_int(reply: Mapping[str, Any], key: str) -> int | None:
-    value = reply.get(key)
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    raise Malformed(f"'{key}' must be an integer, got {_type_name(value)}")
-
-
-def get_bool(reply: Mapping[str, Any], key: str) -> bool | None:
-    value = reply.get(key)
-    if value is None or isinstance(value, bool):
-        return value
-    raise Malformed(f"'{key}' must be a boolean, got {_type_name(value)}")
-
-
-def get_dict(reply: Mapping[str, Any], key: str) -> dict[str, Any] | None:
-    value = reply.get(key)
-    if value is None or isinstance(value, dict):
-        return value
-    raise Malformed(f"'{key}' must be an object, got {_type_name(value)}")
-
-
-def get_timestamp(reply: Mapping[str, Any]) -> float | str | None:
-    """``timestamp`` as sent: MMA uses epoch floats and ISO strings depending on the reply."""
-    value = reply.get("timestamp")
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return value
-    raise Malformed(f"'timestamp' must be a number or a string, got {_type_name(value)}")
+def request_id_of(msg: Mapping[str, Any]) -> str | int | None:
+    """The caller's ``request_id`` when it is a string or an integer (echoed as sent)."""
+    return loose_id(msg.get("request_id"))
 
 
 def error_text(reply: Mapping[str, Any], default: str) -> str:

@@ -61,9 +61,12 @@ def imports_of(path: Path, known: set[str], type_checking: bool = False) -> set[
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
-            found.add(base)
-            for alias in node.names:  # `from shim import signals` imports shim.signals
-                found.add(f"{base}.{alias.name}")
+            # `from shim import signals` imports the submodule shim.signals (its package
+            # is set up first in any case); `from shim.x import name` imports shim.x.
+            submodules = {f"{base}.{alias.name}" for alias in node.names} & known
+            found.update(submodules or {base})
+            if len(submodules) < len(node.names):
+                found.add(base)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
