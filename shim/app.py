@@ -18,14 +18,18 @@ import zmq
 import zmq.asyncio
 
 from shim import signals
+from shim.addons.base import AddonManager
+from shim.addons.loaded import LoadedModels
+from shim.addons.metrics import RequestMetrics
+from shim.addons.ownership import Ownership
+from shim.addons.record import Recorder
+from shim.addons.shadow import Shadow
 from shim.config import ShimConfig
 from shim.ejection import Ejector
 from shim.health import HealthProber, HealthServer, vram_of
 from shim.metrics import Metrics
-from shim.ownership import Ownership
 from shim.proxy import Proxy
-from shim.record import Recorder
-from shim.shadow import Shadow
+from shim.runtime import RuntimeStore, runtime_from_config
 
 if TYPE_CHECKING:
     from shim.web import WebServer
@@ -54,6 +58,10 @@ class Shim:
         self.ctx = zmq.asyncio.Context()
         self._sync_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(self.ctx.underlying)
         self.proxy: Proxy | None = None
+        #: The Runtime in force (the control plane swaps it) and the addons, in hook order.
+        self.store = RuntimeStore(runtime_from_config(cfg))
+        self.addons = AddonManager(on_error=self.metrics.addon_failed)
+        self.loaded: LoadedModels | None = None
         self.prober: HealthProber | None = None
         self.health: HealthServer | None = None
         self.ownership: Ownership | None = None
@@ -74,7 +82,8 @@ class Shim:
         for sig in signals.take():  # arrived during start-up (shim.signals)
             self._on_sighup() if sig == signal.SIGHUP else self.stop()
         try:
-            self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics)
+            self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics, store=self.store,
+                               addons=self.addons)
             self.proxy.release_on_drain = self.exit_after_drain
             self.health = HealthServer(self.ctx, self.cfg.shim.health, self.health_reply,
                                        max_frame_bytes=self.cfg.shim.max_frame_bytes)
@@ -133,18 +142,31 @@ class Shim:
                 trim(0)
 
     def _plug_addons(self, proxy: Proxy) -> None:
-        """Behaviour beyond moving requests, in hook order: ownership routes first."""
-        if self.cfg.ownership.enabled:
-            self.ownership = Ownership(proxy, self.cfg.ownership)
-            proxy.addons.append(self.ownership)
-            self.extras.insert(0, self.ownership)
+        """Behaviour beyond moving requests, in hook order: ownership routes first; the
+        shared loaded-models poller starts before the addons that read it."""
+        cfg, store, transport = self.cfg, self.store, proxy.transport
+        self.addons.add(RequestMetrics(self.metrics, store, proxy.pool.backends))
+        ownership_on = cfg.ownership.enabled
+        self.loaded = LoadedModels(
+            transport, cfg.ownership.poll_interval_ms / 1000, metrics=self.metrics,
+            active=lambda: ownership_on or store.current.mode == "shadow",
+            first_poll_s=min(2.0, max(b.timeout_ms for b in cfg.backends.values()) / 1000
+                             + 1.0))
+        self.addons.add(self.loaded)
+        self.extras.insert(0, self.loaded)
+        if ownership_on:
+            self.ownership = Ownership(transport, cfg.ownership, store=store,
+                                       loaded=self.loaded, metrics=self.metrics)
+            self.addons.add(self.ownership)
+            self.extras.insert(1, self.ownership)
         # Shadow last: it only looks at exchanges that are over (after_reply).
-        self.shadow = Shadow(proxy, self.cfg, self._sync_ctx, self.ownership)
-        proxy.addons.append(self.shadow)
+        self.shadow = Shadow(transport, cfg, store=store, metrics=self.metrics,
+                             loaded=self.loaded, ownership=self.ownership, ctx=self._sync_ctx)
+        self.addons.add(self.shadow)
         self.extras.append(self.shadow)
         # Recording: only looks at finished exchanges too (off unless started).
-        self.recorder = Recorder(proxy, self.cfg.record)
-        proxy.addons.append(self.recorder)
+        self.recorder = Recorder(cfg.record, self.metrics, cfg.routing.sticky_key)
+        self.addons.add(self.recorder)
         self.extras.append(self.recorder)
 
     async def _start_extras(self) -> None:

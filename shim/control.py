@@ -211,7 +211,7 @@ class Controller:
         if own is not None:
             own.audit = self.audit  # duplicate repairs leave an audit line
         for extra in getattr(self.shim, "extras", []):
-            offered = getattr(extra, "admin_commands", None)
+            offered = getattr(extra, "commands", None)
             for name, handler in (offered() if callable(offered) else {}).items():
                 if name not in self.commands:
                     self.register_addon(name, handler)
@@ -235,7 +235,7 @@ class Controller:
         except StateError as exc:
             log.error("ignoring saved state (%s); starting from the config file", exc)
             return
-        self.proxy.set_runtime(rt)
+        self.proxy.store.swap(rt)
         log.warning("restored runtime state from %s: %s", path,
                     format_changes(changes_between(self.base.describe(), rt.describe())))
 
@@ -283,7 +283,7 @@ class Controller:
         reply: Reply = {"status": "ok", "changes": changes}
         if not changes and not always_audit:
             return reply
-        self.proxy.set_runtime(new)
+        self.proxy.store.swap(new)
         if changes:
             self.shim.metrics.admin_changes.labels(command).inc()
         self.audit.record(client, command, changes)
@@ -531,7 +531,7 @@ class Controller:
             log.error("reload of %s refused, nothing changed: %s", path, exc)
             raise CommandError("invalid_config", f"{exc}; nothing was changed") from None
         old_base = self.base
-        policy_changes = changes_between({"policy": self.proxy.policy},
+        policy_changes = changes_between({"policy": dict(self.proxy.runtime.policy)},
                                          {"policy": new_cfg.policy})
 
         def change(rt: Runtime) -> Runtime:
@@ -540,12 +540,9 @@ class Controller:
                 new = apply(new_base, kept, self.backends, new_cfg.shim.default_timeout_ms)
             except StateError as exc:
                 raise CommandError("invalid_config", f"{exc}; nothing was changed") from None
-            # Still without yielding: the new base and policy switch with the Runtime. The
-            # policy dict is updated in place: the proxy and its addons share that object.
+            # Still without yielding: the new base switches with the Runtime, which
+            # carries the policy and the compare rules (one swap).
             self.file_cfg, self._base = new_cfg, new_base
-            if self.proxy.policy != new_cfg.policy:
-                self.proxy.policy.clear()
-                self.proxy.policy.update(new_cfg.policy)
             shadow = getattr(self.shim, "shadow", None)
             if shadow is not None:  # its compare rules and diff log
                 shadow.reload(new_cfg.shadow)

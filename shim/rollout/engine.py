@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import msgspec
 from prometheus_client import Counter, Gauge
 
+from shim.addons.base import Addon, Flow
 from shim.config import Mode
-from shim.dialects import Op
 from shim.errors import CommandError, PlanError
 from shim.rollout.gates import (
     Evidence,
@@ -112,8 +112,10 @@ def outcome_of(reply: bytes | None, elapsed_s: float, timeout_s: float) -> Outco
     return "ok" if str(body.status).lower() in _OK else "error"
 
 
-class RolloutEngine:
+class RolloutEngine(Addon):
     """One shim's rollouts (one at a time). See the module doc."""
+
+    name = "rollout"
 
     def __init__(self, shim: Shim, controller: Controller, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -135,7 +137,6 @@ class RolloutEngine:
         self._shadow_base: dict[str, tuple[int, int]] = {}
         self._vram_polls: list[tuple[float, float | None, float | None]] = []
         self._vram_seen: object = None
-        self._started: dict[tuple[int, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         self._prober: Prober | None = None
         self._dirty_at = 0.0
@@ -153,7 +154,7 @@ class RolloutEngine:
     def start(self) -> None:
         """Plug into the proxy, restore a saved rollout, start ticking."""
         assert self.shim.proxy is not None
-        self.shim.proxy.addons.append(self)
+        self.shim.proxy.addons.add(self)
         self._restore()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -196,32 +197,24 @@ class RolloutEngine:
 
     # -- the addon hooks ---------------------------------------------------------------
 
-    def route(self, op: Op, candidates: list[str], rt: Runtime) -> list[str]:
-        return candidates
-
-    def before_send(self, op: Op, backend: str) -> None:
-        self._started[(id(op), backend)] = self._clock()
-
-    def after_send(self, op: Op, backend: str, reply: bytes | None) -> None:
-        started = self._started.pop((id(op), backend), None)
-        if started is None:
+    def after_send(self, flow: Flow, backend: str) -> None:
+        """One attempt ended: its outcome and round trip (from ``flow.sent_at``) are
+        evidence for the gates."""
+        op = flow.op
+        if op is None or not flow.sent_at:
             return
+        elapsed = time.perf_counter() - flow.sent_at
         now = self._clock()
-        elapsed = now - started
         proxy = self.shim.proxy
         timeout_s = math.inf
         if proxy is not None:
-            rule = proxy.runtime.rules.get(op.kind.value)
+            rule = flow.rt.rules.get(op.kind.value)
             pool_backend = proxy.pool.backends.get(backend)
             limits = [r / 1000 for r in (rule.timeout_ms if rule else None,
                       pool_backend.config.timeout_ms if pool_backend else None) if r]
             timeout_s = min(limits, default=math.inf)
         self.evidence.add(backend, op.model_id, op.kind.value,
-                          outcome_of(reply, elapsed, timeout_s), elapsed, now)
-
-    def after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
-                    rt: Runtime) -> None:
-        return None
+                          outcome_of(flow.answer, elapsed, timeout_s), elapsed, now)
 
     # -- admin commands ---------------------------------------------------------------------
 

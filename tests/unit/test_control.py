@@ -18,7 +18,7 @@ from shim.config import ShimConfig, load_config
 from shim.control import Controller
 from shim.errors import CommandError
 from shim.metrics import Metrics
-from shim.runtime import Runtime, runtime_from_config
+from shim.runtime import Runtime, RuntimeStore, runtime_from_config
 from shim.state import RuntimeState, StateFile
 
 
@@ -44,18 +44,21 @@ class StubProxy:
     """What the Controller uses of shim.proxy.Proxy."""
 
     def __init__(self, cfg: ShimConfig) -> None:
-        self.runtime: Runtime = runtime_from_config(cfg)
+        self.store = RuntimeStore(runtime_from_config(cfg))
         self.pool = SimpleNamespace(backends={n: StubBackend(b.dialect)
                                               for n, b in cfg.backends.items()})
         self.counts = {"requests": 0, "replies": 0}
-        self.policy = cfg.policy
         self.inflight = 0
         self.accepting = True
-        self.swaps = 0
+        self.swaps = -1  # subscribe() calls once at once
+        self.store.subscribe(self._swapped)
 
-    def set_runtime(self, rt: Runtime) -> None:
-        self.runtime = rt
+    def _swapped(self, old: Runtime, new: Runtime) -> None:
         self.swaps += 1
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.store.current
 
 
 @dataclass
@@ -300,17 +303,18 @@ async def test_addons_offer_read_only_commands(tmp_path: Path) -> None:
     async def diffs(args: dict[str, Any]) -> dict[str, Any]:
         return {"diffs": [], "limit": args.get("limit", 10)}
 
-    shim.extras = [SimpleNamespace(admin_commands=lambda: {"diffs": diffs})]  # type: ignore[attr-defined]
+    shim.extras = [SimpleNamespace(commands=lambda: {"diffs": diffs})]  # type: ignore[attr-defined]
     controller = Controller(cast(Any, shim), StateFile(tmp_path / "state.json"), AuditLog(None))
     controller.start()
     assert await run(controller, "diffs", limit=3) == {"status": "ok", "diffs": [], "limit": 3}
 
 
-async def test_reload_updates_the_shared_load_policy_in_place(
+async def test_reload_swaps_the_load_policy_with_the_runtime(
         world: tuple[StubShim, Controller]) -> None:
     shim, controller = world
-    shared = shim.proxy.policy  # the proxy and its addons hold this very dict
+    before = shim.proxy.runtime
     shim.config_path.write_text(json.dumps(config(policy={"fast": "tinyllama"})))
     reply = await run(controller, "reload")
-    assert shared == {"fast": "tinyllama"} and shim.proxy.policy is shared
+    assert dict(before.policy) == {"fast": "phi-2"}  # requests in flight keep theirs
+    assert dict(shim.proxy.runtime.policy) == {"fast": "tinyllama"}
     assert reply["changes"] == {"policy.fast": ["phi-2", "tinyllama"]}
