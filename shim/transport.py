@@ -225,6 +225,9 @@ class Transport:
         """
         dialect = self.pool.backends[backend].dialect
         translated = translate and op.dialect != dialect
+        if not translated and payload is not None and not mirror:  # the hot path: bytes
+            reply = await self.pool.request(backend, payload, timeout_s)
+            return Answer(_json_object(reply, backend), None)
         frames = self.requests_for(sent or op, backend, payload, translate)
         if mirror:
             frames = side_effect_free(frames)

@@ -139,6 +139,8 @@ class Addon:
         return None
 
 
+_NO_WAITS: list[Awaitable[Any]] = []  # shared, never appended to
+
 #: Hook names a subclass may override (used to skip addons that do not).
 _HOOKS = ("admit", "route", "before_send", "after_send", "after_reply")
 
@@ -197,6 +199,8 @@ class AddonManager:
         return None
 
     def route(self, flow: Flow, candidates: list[str]) -> list[str]:
+        """Each addon may reorder or narrow the candidates, never add one: a backend it
+        names that is not a candidate is dropped, and an empty answer changes nothing."""
         for addon in self._by_hook["route"]:
             try:
                 routed = addon.route(flow, list(candidates))
@@ -209,8 +213,11 @@ class AddonManager:
         return candidates
 
     def before_send(self, flow: Flow, backend: str) -> list[Awaitable[Any]]:
+        hooked = self._by_hook["before_send"]
+        if not hooked:
+            return _NO_WAITS
         waits = []
-        for addon in self._by_hook["before_send"]:
+        for addon in hooked:
             try:
                 waiting = addon.before_send(flow, backend)
             except RequestError:
