@@ -119,7 +119,7 @@ class Reload(Args):
 
 Reply = dict[str, Any]
 Handler = Callable[[Any, str], Awaitable[Reply]]
-#: What an addon offers through ``admin_commands()``: raw arguments in, a reply out.
+#: What an addon offers through ``commands()``: raw arguments in, a reply out.
 AddonHandler = Callable[[dict[str, Any]], Reply | Awaitable[Reply]]
 
 
@@ -155,7 +155,7 @@ class Controller:
         self.register("rollback", Args, self.rollback)
         self.register("reload", Reload, self.reload_command)
         self.register("release", Release, self.release)
-        # Addons add theirs through admin_commands() (e.g. shadow's "diffs"): see start().
+        # Addons add theirs through commands() (e.g. shadow's "diffs"): see start().
 
     def register(self, name: str, args: type[Args] | None, run: Handler) -> None:
         """Add a command (``args`` None: the handler validates the raw arguments itself)."""
@@ -206,7 +206,7 @@ class Controller:
 
     def start(self) -> None:
         """Restore the saved runtime state (unless --reset-state), before traffic starts;
-        take the commands addons offer (an extra's ``admin_commands()``: name -> handler)."""
+        take the commands addons offer (an extra's ``commands()``: name -> handler)."""
         own = getattr(self.shim, "ownership", None)
         if own is not None:
             own.audit = self.audit  # duplicate repairs leave an audit line

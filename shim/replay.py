@@ -55,7 +55,7 @@ import zmq
 from shim import dialects
 from shim.addons.shadow import caller_view, diff_record, judge
 from shim.capture import Exchange, read_capture, redact, unredact
-from shim.catalogue import CatalogueEntry
+from shim.catalogue import CatalogueEntry, load_catalogue
 from shim.compare import Rules, generalize
 from shim.config import BackendConfig, HealthSection, ShimConfig
 from shim.dialects import Kind, Op
@@ -489,7 +489,8 @@ async def _run_replay(cfg: ShimConfig, opts: ReplayOptions, exchanges: list[Exch
     if opts.calibrate:
         endpoints["twin"] = (opts.calibrate, opts.calibrate_dialect)
     pool = pool_for(loop, ctx, endpoints, opts.timeout_ms)
-    sides = {name: Side(pool, name) for name in endpoints}
+    catalogue = load_catalogue(cfg.models_file)  # filled in as the shim fills it
+    sides = {name: Side(pool, name, catalogue=catalogue) for name in endpoints}
     try:
         missing = await wait_connected(list(sides.values()), opts.connect_timeout_s)
         if missing:

@@ -218,7 +218,7 @@ class RolloutEngine(Addon):
 
     # -- admin commands ---------------------------------------------------------------------
 
-    def admin_commands(self) -> dict[str, Any]:
+    def commands(self) -> dict[str, Any]:
         return {"rollout_status": self.cmd_status, "rollout_start": self.cmd_start,
                 "rollout_pause": self.cmd_pause, "rollout_resume": self.cmd_resume,
                 "rollout_abort": self.cmd_abort, "rollout_promote": self.cmd_promote}
