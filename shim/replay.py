@@ -61,10 +61,10 @@ from shim.config import BackendConfig, HealthSection, ShimConfig
 from shim.dialects import Kind, Op
 from shim.dialects.ops import Dialect
 from shim.difflog import Tally, dumps
-from shim.errors import BackendError, BackendTimeout, CaptureError
+from shim.errors import BackendError, BackendTimeout, CaptureError, UnusableReply
 from shim.metrics import Metrics
 from shim.pool import BackendPool
-from shim.transport import Transport
+from shim.transport import Transport, unusable_view
 
 #: Exit codes: 0 within the threshold, 1 above it, 2 unusable input, 3 unreachable.
 PASS, FAIL, BAD_INPUT, UNREACHABLE = 0, 1, 2, 3
@@ -150,6 +150,8 @@ class Side:
             return Answer(fail="unsupported", message=str(exc))
         except BackendTimeout as exc:
             return Answer(fail="timeout", message=str(exc))
+        except UnusableReply as exc:  # compared as the caller would have got it
+            reply = unusable_view(op, exc)
         except BackendError as exc:
             return Answer(fail="error", message=str(exc))
         return Answer(reply, latency_ms=(time.perf_counter() - started) * 1000)

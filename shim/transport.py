@@ -36,7 +36,7 @@ from shim.catalogue import CatalogueEntry
 from shim.config import BackendConfig
 from shim.dialects import LEGACY
 from shim.dialects.ops import Form, Kind, Op, Result
-from shim.errors import BackendBadReply, BackendError, Unsupported
+from shim.errors import BackendBadReply, BackendError, Unsupported, UnusableReply
 from shim.merged import label_devices
 from shim.pool import BackendPool
 
@@ -283,7 +283,7 @@ class Transport:
                 raise BackendBadReply(f"{dialect} backend reply is not valid JSON") from None
         result = dialects.parse_reply(op, dialect, decoded)
         if not result.ok and result.error_code == BackendBadReply.code:
-            raise BackendBadReply(result.message or "unusable backend reply")
+            raise UnusableReply(result.message or "unusable backend reply")
         if result.conversation_id is not None and op.conversation_id is not None:
             result.conversation_id = op.conversation_id
         label_devices(result, self.pool.backends[backend].config.device, self._quantization)
@@ -304,6 +304,15 @@ class Transport:
         return result
 
 
+def unusable_view(op: Op, exc: UnusableReply) -> dict[str, Any]:
+    """What the caller gets for an unusable translated reply (the shim's SHIM_BAD_REPLY
+    in the caller's shape): how shadow and replay compare such a reply, as the client
+    would have seen it."""
+    return dialects.render_reply(op, Result(ok=False, source="shim", message=exc.message,
+                                            error_code=exc.code, model_id=op.model_id,
+                                            request_id=op.request_id))
+
+
 def _json_object(reply: bytes, backend: str) -> bytes:
     """A passed-through reply, checked to be a JSON object (else BackendBadReply)."""
     try:
@@ -315,4 +324,4 @@ def _json_object(reply: bytes, backend: str) -> bytes:
 
 
 __all__ = ["BAD_JSON", "NO_LOAD_FIELD", "Answer", "BackendState", "Transport",
-           "TransportLike", "internal_op", "side_effect_free"]
+           "TransportLike", "internal_op", "side_effect_free", "unusable_view"]

@@ -54,11 +54,11 @@ from shim.compare import Diff, RuleSet, compare, generalize, split_noise
 from shim.config import BackendConfig, ShadowSection, ShimConfig
 from shim.dialects import Kind, Op
 from shim.difflog import DiffLog, Tally, log_files, read_records
-from shim.errors import BackendError, BackendTimeout, Unsupported
+from shim.errors import BackendError, BackendTimeout, Unsupported, UnusableReply
 from shim.metrics import Metrics
 from shim.pool import BackendPool
 from shim.runtime import RuntimeStore, ShadowSettings
-from shim.transport import BAD_JSON, Answer, Transport, TransportLike
+from shim.transport import BAD_JSON, Answer, Transport, TransportLike, unusable_view
 
 log = logging.getLogger("mmshim.shadow")
 
@@ -337,7 +337,11 @@ class Shadow(Addon):
                                     mirror=True))
         answers = await asyncio.gather(*sends, return_exceptions=True)
         shadow_answer = answers[0]
-        if isinstance(shadow_answer, BaseException):
+        shadow: Any
+        if isinstance(shadow_answer, UnusableReply):
+            # Read but unusable: the client would have got the shim's SHIM_BAD_REPLY.
+            shadow = unusable_view(op, shadow_answer)
+        elif isinstance(shadow_answer, BaseException):
             if isinstance(shadow_answer, asyncio.CancelledError):
                 raise shadow_answer
             outcome = ("shadow_timeout" if isinstance(shadow_answer, BackendTimeout)
@@ -346,17 +350,23 @@ class Shadow(Addon):
                 log.error("shadow: a %s copy failed: %r", op.kind.value, shadow_answer)
             self._error(op, job.target, outcome, str(shadow_answer))
             return
-        try:
-            shadow = caller_view(op, shadow_answer)
-        except BAD_JSON as exc:
-            self._error(op, job.target, "shadow_error", f"reply is not JSON: {exc}")
-            return
+        else:
+            try:
+                shadow = caller_view(op, shadow_answer)
+            except BAD_JSON as exc:
+                self._error(op, job.target, "shadow_error", f"reply is not JSON: {exc}")
+                return
         twin: Any = None
         calibrated = False
-        if len(answers) > 1 and isinstance(answers[1], Answer):
+        if len(answers) > 1:
             with contextlib.suppress(*BAD_JSON):
-                twin = restore_echo(job.primary_reply, caller_view(op, answers[1]))
-                calibrated = True
+                other = answers[1]
+                if isinstance(other, Answer):
+                    twin, calibrated = caller_view(op, other), True
+                elif isinstance(other, UnusableReply):
+                    twin, calibrated = unusable_view(op, other), True
+                if calibrated:
+                    twin = restore_echo(job.primary_reply, twin)
         shadow = restore_echo(job.primary_reply, shadow)
         diffs, noise = judge(job.rules, job.primary_reply, shadow, twin, calibrated)
         self._record(op.kind.value, "mismatch" if diffs else "match",

@@ -26,7 +26,7 @@ from shim.addons.ownership import Ownership
 from shim.addons.shadow import Shadow
 from shim.config import ShimConfig, decode_config
 from shim.dialects.ops import Kind, ModelInfo, Op, Result
-from shim.errors import BackendUnavailable, OwnedElsewhere
+from shim.errors import BackendUnavailable, OwnedElsewhere, UnusableReply
 from shim.metrics import Metrics
 from shim.proxy import DataPath
 from shim.runtime import RuntimeStore, runtime_from_config
@@ -331,3 +331,26 @@ async def test_an_opaque_request_is_counted_by_the_metrics_addon() -> None:
     assert flow.reply == [b"not json"] and not flow.exchanged
     assert world.count("shim_requests_total", backend="mma", action="opaque",
                        outcome="ok") == 1
+
+
+async def test_an_unusable_shadow_reply_is_compared_as_the_client_would_see_it() -> None:
+    cfg = config({"mma": 100, "mms": 0}, shadow={"percent": 100})
+    metrics = Metrics()
+    store = RuntimeStore(runtime_from_config(cfg).with_mode("shadow"))
+    transport = FakeTransport({"mma": "mma", "mms": "mms"}, POLICY)
+    shadow = Shadow(transport, cfg, store=store, metrics=metrics,
+                    loaded=LoadedModels(transport, 60.0), ownership=None)
+    world = World(cfg, shadow)
+    world.metrics, world.store, world.path.store = metrics, store, store
+
+    def unusable(op: Op, payload: bytes | None) -> bytes:
+        raise UnusableReply("unusable mms reply: no text")
+
+    transport.backend("mms").handler = unusable
+    reply, _ = await world.ask(STATUS)
+    assert reply == {"status": "ok"}  # the client's reply is the primary's
+    assert await shadow.settled(5.0)
+    # The client would have got SHIM_BAD_REPLY there: a difference, not a shadow failure.
+    assert world.count("shim_shadow_total", action="status", outcome="mismatch") == 1
+    assert world.count("shim_shadow_total", action="status", outcome="shadow_error") == 0
+    await shadow.stop()
