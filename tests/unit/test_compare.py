@@ -1,5 +1,5 @@
 """Shadow comparison rules (shim.compare), the diff log's rotation and its report
-(shim.difflog), and the shadow sample (shim.shadow.in_sample)."""
+(shim.difflog), and the shadow sample (shim.addons.shadow.in_sample)."""
 
 from __future__ import annotations
 
