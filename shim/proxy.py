@@ -135,18 +135,18 @@ class DataPath:
         except RequestError as exc:
             flow.exchanged = False
             flow.outcome = exc.code
-            flow.reply = self._error_frames(msg, exc.code, exc.message)
+            flow.reply = self.error_frames(msg, exc.code, exc.message)
         except asyncio.CancelledError:
             flow.exchanged, flow.outcome = False, Code.SHUTTING_DOWN
-            flow.reply = self._error_frames(msg, flow.outcome,
+            flow.reply = self.error_frames(msg, flow.outcome,
                                             "the shim shut down before a reply came")
             raise
         except Exception as exc:  # a bug must cost one error reply, never the shim
             log.exception("internal error handling a request")
             flow.exchanged, flow.outcome = False, Code.INTERNAL
-            flow.reply = self._error_frames(msg, flow.outcome, f"internal error: {exc}")
+            flow.reply = self.error_frames(msg, flow.outcome, f"internal error: {exc}")
 
-    def _error_frames(self, msg: object, code: str, message: str) -> Reply:
+    def error_frames(self, msg: object, code: str, message: str) -> Reply:
         """The shim's error reply in the caller's form (action, command, model access,
         MMS); a request that is not a JSON object gets the action form."""
         form = dialects.form_of(msg)
@@ -447,7 +447,7 @@ class Proxy:
                               f"request of {size} bytes exceeds the shim's limit of "
                               f"{self._max_bytes} bytes (shim.max_request_bytes)", fd)
         elif not self.accepting:
-            self._send(envelope, self._error_frames(
+            self._send(envelope, self.path.error_frames(
                 _peek(body), Code.SHUTTING_DOWN, "the shim is shutting down"), fd)
         else:
             self._open[fd] = self._open.get(fd, 0) + 1
@@ -509,9 +509,6 @@ class Proxy:
         self.metrics.bad_requests.labels(reason).inc()
         reply = dialects.error_reply(form or Form.ACTION, Code.BAD_REQUEST, message)
         self._send(envelope, [_encode(reply)], fd)
-
-    def _error_frames(self, msg: object, code: str, message: str) -> Reply:
-        return self.path._error_frames(msg, code, message)
 
     # -- 2..5. one request: the data path, then the one reply --------------------------
 

@@ -135,8 +135,5 @@ class LoadedModels(Addon):
             await listener.after_poll(views)
         return views
 
-    def describe(self) -> dict[str, object]:
-        return {}
-
 
 __all__ = ["LoadedModels", "PollListener", "Views"]
