@@ -37,6 +37,7 @@ from backends.ledger import (
     detect_budget,
 )
 from backends.registry import Registry, RegistryError
+from shim.sockets import split_envelope as _split
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,9 @@ def split_envelope(frames: Sequence[bytes]) -> tuple[list[bytes], list[bytes]] |
     Without a delimiter, ``[identity, payload]`` (a bare DEALER) is answerable with the
     envelope ``[identity]``; anything longer cannot be split reliably: None (drop it).
     """
-    for i in range(1, len(frames)):
-        if not frames[i]:
-            return list(frames[: i + 1]), list(frames[i + 1 :])
+    split = _split(frames)  # the one rule (shim.sockets.split_envelope)
+    if split is not None:
+        return split
     if len(frames) == 2:
         return [frames[0]], [frames[1]]
     return None

@@ -48,7 +48,7 @@ from shim.control import Controller
 from shim.curve import ZAP_DOMAIN, CurveServer, make_server_socket
 from shim.errors import CommandError, ConfigError
 from shim.metrics import Metrics
-from shim.sockets import bind_or_explain
+from shim.sockets import bind_or_explain, split_envelope
 from shim.state import atomic_write
 
 log = logging.getLogger("mmshim.admin")
@@ -248,10 +248,8 @@ def _error(code: str, message: str) -> dict[str, Any]:
 def _split(frames: list[zmq.Frame]) -> tuple[list[bytes], list[bytes]]:
     """``[identity, ..., b"", payload]`` -> (envelope to send back, body)."""
     raw = [f.bytes for f in frames]
-    for i in range(len(raw) - 1, 0, -1):
-        if raw[i] == b"":
-            return raw[: i + 1], raw[i + 1 :]
-    return raw[:1], raw[1:]  # a DEALER that sent no delimiter gets none back
+    split = split_envelope(raw)  # the one rule (shim.sockets)
+    return split if split is not None else (raw[:1], raw[1:])  # no delimiter: none back
 
 
 def _client(frames: list[zmq.Frame]) -> str:

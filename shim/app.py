@@ -26,15 +26,19 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import zmq
 import zmq.asyncio
 
-from shim.addons.base import Addon, AddonManager, CommandHandler
+from shim.addons.base import Addon, AddonManager
+from shim.addons.loaded import LoadedModels
+from shim.addons.metrics import RequestMetrics
+from shim.addons.ownership import Ownership
+from shim.addons.record import Recorder
+from shim.addons.shadow import Shadow
 from shim.admin import AdminServer, audit_path, resolve_token
 from shim.audit import AuditLog
 from shim.cli import _load, _setup_logging
@@ -43,16 +47,12 @@ from shim.config import ShimConfig
 from shim.control import Controller
 from shim.curve import resolve_server
 from shim.ejection import Ejector
-from shim.errors import CommandError, ConfigError, EndpointInUse
-from shim.health import HealthProber, HealthServer, vram_of
+from shim.errors import ConfigError, EndpointInUse
+from shim.health import HealthProber, HealthServer
 from shim.metrics import Metrics
-from shim.ownership import Ownership
 from shim.proxy import Proxy
-from shim.record import Recorder
 from shim.rollout import RolloutEngine
 from shim.runtime import Runtime, RuntimeStore, runtime_from_config
-from shim.settings import Release
-from shim.shadow import Shadow
 from shim.state import StateFile, clean_stale
 from shim.status import StatusBoard
 from shim.web import WebServer
@@ -71,8 +71,10 @@ class Shim:
         self.metrics = Metrics()
         #: The Runtime in force (the control plane swaps it; the proxy follows it).
         self.store = RuntimeStore(runtime_from_config(cfg))
-        #: The addons' control-plane hooks, as the Controller sees them.
-        self.addons = AddonManager()
+        #: The addons, in hook order: the proxy calls their data-path hooks, the
+        #: Controller their control-plane hooks.
+        self.addons = AddonManager(on_error=self.metrics.addon_failed)
+        self.loaded: LoadedModels | None = None
         self._serve_metrics = serve_metrics
         self._reset_state = reset_state
         self._stop = asyncio.Event()
@@ -108,7 +110,8 @@ class Shim:
         for sig in signals.take():  # arrived during start-up (shim.signals)
             self._on_sighup() if sig == signal.SIGHUP else self.stop()
         try:
-            self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics)
+            self.proxy = Proxy(self.cfg, loop, self._sync_ctx, self.metrics, store=self.store,
+                               addons=self.addons)
             self.proxy.release_on_drain = self.exit_after_drain
             self.health = HealthServer(self.ctx, self.cfg.shim.health, self.health_reply,
                                        max_frame_bytes=self.cfg.shim.max_frame_bytes)
@@ -116,9 +119,7 @@ class Shim:
             if self.cfg.ejection.enabled:
                 self.ejector = Ejector(self.proxy.pool.backends, self.cfg.ejection,
                                        self.metrics)
-            self.store.subscribe(self._follow_runtime)
             self._plug_addons(self.proxy)
-            self._bridge_addons()
             await self._start_extras()
             if self._serve_metrics and self.cfg.shim.metrics:
                 # /metrics, the status page and /api/status, in this loop (shim.web).
@@ -168,53 +169,43 @@ class Shim:
                 trim(0)
 
     def _plug_addons(self, proxy: Proxy) -> None:
-        """Behaviour beyond moving requests, in hook order: ownership routes first."""
-        if self.cfg.ownership.enabled:
-            self.ownership = Ownership(proxy, self.cfg.ownership)
-            proxy.addons.append(self.ownership)
-            self.extras.insert(0, self.ownership)
+        """Behaviour beyond moving requests, in hook order: ownership routes first; the
+        shared loaded-models poller starts before the addons that read it."""
+        cfg, store, transport = self.cfg, self.store, proxy.transport
+        self.addons.add(RequestMetrics(self.metrics, store, proxy.pool.backends))
+        ownership_on = cfg.ownership.enabled
+        self.loaded = LoadedModels(
+            transport, cfg.ownership.poll_interval_ms / 1000, metrics=self.metrics,
+            active=lambda: ownership_on or store.current.mode == "shadow",
+            first_poll_s=min(2.0, max(b.timeout_ms for b in cfg.backends.values()) / 1000
+                             + 1.0))
+        self.addons.add(self.loaded)
+        self.extras.insert(0, self.loaded)
+        if ownership_on:
+            self.ownership = Ownership(transport, cfg.ownership, store=store,
+                                       loaded=self.loaded, metrics=self.metrics)
+            self.ownership.audit = self.audit  # duplicate repairs leave an audit line
+            self.addons.add(self.ownership)
+            self.extras.insert(1, self.ownership)
         # Shadow last: it only looks at exchanges that are over (after_reply).
-        self.shadow = Shadow(proxy, self.cfg, self._sync_ctx, self.ownership)
-        proxy.addons.append(self.shadow)
+        self.shadow = Shadow(transport, cfg, store=store, metrics=self.metrics,
+                             loaded=self.loaded, ownership=self.ownership, ctx=self._sync_ctx)
+        self.addons.add(self.shadow)
+        self.addons.add(_ShadowSettings(self.shadow, self))
         self.extras.append(self.shadow)
         # Recording: only looks at finished exchanges too (off unless started).
-        self.recorder = Recorder(proxy, self.cfg.record)
-        proxy.addons.append(self.recorder)
+        self.recorder = Recorder(cfg.record, self.metrics, cfg.routing.sticky_key)
+        self.addons.add(self.recorder)
         self.extras.append(self.recorder)
+        if self.ejector is not None:
+            self.addons.add(_Described("ejector", self.ejector))
+        if self.rollout is not None:
+            self.addons.add(self.rollout)
 
     @property
     def sync_ctx(self) -> zmq.Context[zmq.Socket[bytes]]:
         """A synchronous context sharing the asyncio one's I/O threads."""
         return self._sync_ctx
-
-    def _follow_runtime(self, old: Runtime, new: Runtime) -> None:
-        """Store subscriber: the proxy serves the Runtime in force.
-
-        TODO(merge): the seams branch makes the proxy read ``store.current`` and the load
-        policy from ``rt.policy``; until then the proxy's policy dict (shared with its
-        addons) is updated in place here.
-        """
-        proxy = self.proxy
-        if proxy is None:
-            return
-        proxy.set_runtime(new)
-        if proxy.policy != new.policy:
-            proxy.policy.clear()
-            proxy.policy.update(new.policy)
-
-    def _bridge_addons(self) -> None:
-        """TODO(merge): the seams branch makes ownership, shadow, the recorder and the
-        ejector ``Addon``s added to ``self.addons`` in ``_plug_addons``; until then their
-        control-plane half is adapted here."""
-        if self.ownership is not None:
-            self.ownership.audit = self.audit  # duplicate repairs leave an audit line
-            self.addons.add(_OwnershipBridge(self.ownership, self.cfg))
-        if self.shadow is not None:
-            self.addons.add(_ShadowBridge(self.shadow, self))
-        if self.recorder is not None:
-            self.addons.add(_Bridge("record", self.recorder))
-        if self.ejector is not None:
-            self.addons.add(_Bridge("ejector", self.ejector))
 
     async def _start_extras(self) -> None:
         """Hook for addons and the admin socket (see build_shim)."""
@@ -287,7 +278,8 @@ class Shim:
         backends: dict[str, Any] = {}
         used_total = budget_total = 0.0
         for name, backend in self.proxy.pool.backends.items():
-            used, budget = vram_of(self.prober.last_reply.get(name, {}))
+            view = self.prober.views.get(name)  # read in the backend's own dialect
+            used, budget = (view.vram_used_mb, view.vram_budget_mb) if view else (None, None)
             if self.ownership is not None and name in self.ownership.vram:
                 used, budget = self.ownership.vram[name]  # from the loaded-models poll
             used_total += used or 0.0
@@ -349,75 +341,25 @@ class _DataPlaneView:
         }
 
 
-class _Bridge(Addon):
-    """The control-plane half of a component that is not an ``Addon`` yet: its
-    ``describe()`` and ``admin_commands()``. TODO(merge): goes once seams lands."""
+class _Described(Addon):
+    """A component that is not on the data path but shows in ``status`` (the ejector)."""
 
-    def __init__(self, name: str, component: Any) -> None:
+    def __init__(self, name: str, component: Ejector) -> None:
         self.name = name
         self._component = component
 
-    def commands(self) -> dict[str, CommandHandler]:
-        offered = getattr(self._component, "admin_commands", None)
-        return dict(offered()) if callable(offered) else {}
-
     def describe(self) -> dict[str, Any]:
-        describe = getattr(self._component, "describe", None)
-        return dict(describe()) if callable(describe) else {}
+        return dict(self._component.describe())
 
 
-class _OwnershipBridge(_Bridge):
-    """Ownership's control-plane half: ``release`` and "weights in force".
+class _ShadowSettings(Addon):
+    """A reload's diff-log settings for the shadow addon (its compare rules come with
+    the Runtime, ``flow.rt.compare``; the diff log's path and rotation are file
+    settings the Controller keeps in ``file_cfg``)."""
 
-    TODO(merge): the seams branch gives ``Ownership`` these as ``commands()`` and
-    ``runtime_changed(old, new)``.
-    """
-
-    def __init__(self, ownership: Ownership, cfg: ShimConfig) -> None:
-        super().__init__("ownership", ownership)
-        self._own = ownership
-        self._backends = list(cfg.backends)
-
-    def commands(self) -> dict[str, CommandHandler]:
-        return {"release": self._release}
-
-    def _release(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """``ctl release MODEL [--from B]``: forget a model's owner (audited by the
-        Controller, which sees ``changes``). For an owner the operator knows is gone."""
-        try:
-            args = msgspec.convert(raw, Release)
-        except msgspec.ValidationError as exc:
-            raise CommandError("bad_request", f"release: {exc}") from None
-        if args.from_backend is not None and args.from_backend not in self._backends:
-            raise CommandError("invalid", f"unknown backend {args.from_backend!r} "
-                               f"(expected one of {', '.join(self._backends)})")
-        owner = self._own.release(args.model, args.from_backend)
-        if owner is None:
-            current = self._own.owner.get(args.model)
-            raise CommandError("refused", f"model {args.model!r} is "
-                               + (f"owned by {current}, not {args.from_backend}" if current
-                                  else "not owned by any backend") + "; nothing released")
-        changes: dict[str, list[Any]] = {f"ownership.owners.{args.model}": [owner, None]}
-        return {"model": args.model, "released_from": owner, "changes": changes,
-                "audit": {"model": args.model, "owner": owner}}
-
-    def runtime_changed(self, old: Runtime, new: Runtime) -> Awaitable[Any] | None:
-        """After a weight change: moves the new weights undo are cancelled and the ones
-        past their unload finished (bounded), so the change is in force on return."""
-        if old.weights == new.weights:
-            return None
-        return self._own.weights_changed(new)
-
-
-class _ShadowBridge(_Bridge):
-    """Shadow's control-plane half: a reload's compare rules and diff log settings.
-
-    TODO(merge): seams' Shadow reads compare rules from ``flow.rt.compare``; the diff
-    log settings then come with its own ``runtime_changed``.
-    """
+    name = "shadow_settings"
 
     def __init__(self, shadow: Shadow, shim: Shim) -> None:
-        super().__init__("shadow", shadow)
         self._shadow = shadow
         self._shim = shim
         self._settings = shim.cfg.shadow
@@ -425,7 +367,7 @@ class _ShadowBridge(_Bridge):
     def runtime_changed(self, old: Runtime, new: Runtime) -> None:
         controller = self._shim.controller
         settings = controller.file_cfg.shadow if controller is not None else self._settings
-        if new.compare is not old.compare or settings != self._settings:
+        if settings != self._settings:
             self._settings = settings
             self._shadow.reload(settings)
 
@@ -466,8 +408,7 @@ def build_shim(cfg: ShimConfig, config_path: Path | None = None, *,
     controller = add_control_plane(shim, reset_state=reset_state)
     engine = RolloutEngine(shim, controller)
     shim.extras.append(engine)
-    shim.rollout = engine
-    shim.addons.add(_Bridge("rollout", engine))
+    shim.rollout = engine  # added to the addons with the others (Shim._plug_addons)
     return shim
 
 

@@ -1,6 +1,6 @@
 """The capture format: recorded exchanges as JSON lines, and what reads and converts them.
 
-A capture is written by the record addon (shim.record) and read by ``mmshim replay``
+A capture is written by the record addon (shim.addons.record) and read by ``mmshim replay``
 (shim.replay) and ``mmshim parity`` (through ``from_corpus``). One JSON object per line;
 blank lines, ``#`` comments, torn lines and objects of another ``kind`` are skipped on
 read. Version 1, ``kind: "exchange"``:

@@ -10,7 +10,7 @@ answers would flap). When the time is up it is back on trial: at most
 ``readmit_successes`` real requests succeed it is fully back and the multiplier resets.
 
 Ejection only steers traffic that may go anywhere. A model's owner keeps its models
-while ejected (shim.ownership): requests that would load them elsewhere are refused.
+while ejected (shim.addons.ownership): requests that would load them elsewhere are refused.
 
 Metrics: ``shim_backend_ejected{backend}`` (1 while ejected), ``shim_ejections_total
 {backend}``.

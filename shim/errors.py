@@ -17,6 +17,7 @@ a request carry a ``Code``. Codes are mapped to the caller's reply shape in one 
     │       ├── BackendLost         SHIM_BACKEND_LOST
     │       ├── BackendTimeout      SHIM_TIMEOUT
     │       └── BackendBadReply     SHIM_BAD_REPLY
+    │           └── UnusableReply     JSON, but its dialect's reader cannot use it
     ├── Malformed                 a backend reply a dialect cannot read (-> SHIM_BAD_REPLY)
     ├── SetupError (ValueError)   unusable input at start or reload; names file and field
     │   ├── ConfigError, StateError, PlanError, CaptureError, PatternError
@@ -117,6 +118,11 @@ class BackendBadReply(BackendError):
     """The reply's frames were not ``[id, b"", payload]``, or its payload is unusable."""
 
     code = Code.BAD_REPLY
+
+
+class UnusableReply(BackendBadReply):
+    """A translated reply that is JSON but that its dialect's reader cannot use
+    (shim.transport): the caller would get SHIM_BAD_REPLY in its own shape."""
 
 
 class Malformed(ShimError):

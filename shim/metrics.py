@@ -76,6 +76,10 @@ class Metrics:
                                ["backend"], registry=r)
         self.vram_budget = Gauge("shim_backend_vram_budget_mb", "VRAM budget per backend ledger",
                                  ["backend"], registry=r)
+        self.addon_errors = Counter("shim_addon_errors",
+                                    "Exceptions an addon raised in a hook, swallowed "
+                                    "(shim.addons.base): the client's reply is unchanged",
+                                    ["addon", "hook"], registry=r)
 
     def record_request(self, backend: str, action: str, outcome: str, seconds: float) -> None:
         """Count one answered request and its latency (label children cached: hot path)."""
@@ -87,6 +91,10 @@ class Metrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def addon_failed(self, addon: str, hook: str) -> None:
+        """``AddonManager``'s ``on_error``: count one swallowed addon exception."""
+        self.addon_errors.labels(addon, hook).inc()
 
     def export_counts(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """Frontend totals read at scrape time (no cost on the hot path):

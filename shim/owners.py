@@ -18,7 +18,7 @@ Per model, one state at a time (design.md, "Model ownership is a safety property
 Only confirmed facts move a model: an unload reply, the owner's own report of what it
 has loaded, an operator's release. Silence is never proof of death.
 
-This class does no I/O and keeps no timers: the asyncio glue (shim.ownership) and the
+This class does no I/O and keeps no timers: the asyncio glue (shim.addons.ownership) and the
 property-based test (tests/unit/test_owners_state.py) drive it the same way.
 """
 

@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import zmq
 
 from shim.capture import Exchange, from_corpus, read_corpus
+from shim.catalogue import load_catalogue
 from shim.compare import Rules
 from shim.config import BackendConfig, ShimConfig
 from shim.errors import CaptureError
@@ -64,9 +65,11 @@ class ParityRun:
             self.twins = BackendPool(loop, ctx, {self.primary: BackendConfig(
                 dialect=b.dialect, endpoints=[twin], timeout_ms=b.timeout_ms)}, cfg.health,
                 Metrics())
-        self.reference = Side(self.pool, self.primary, passthrough=False)
-        self.candidate_side = Side(self.pool, self.candidate, passthrough=False)
-        self.twin = Side(self.twins, self.primary, passthrough=False) \
+        catalogue = load_catalogue(cfg.models_file)  # filled in as the shim fills it
+        self.reference = Side(self.pool, self.primary, passthrough=False, catalogue=catalogue)
+        self.candidate_side = Side(self.pool, self.candidate, passthrough=False,
+                                   catalogue=catalogue)
+        self.twin = Side(self.twins, self.primary, passthrough=False, catalogue=catalogue) \
             if self.twins is not None else None
         self.engine = Engine(Rules(cfg.shadow.compare, parity=True), self.primary,
                              self.candidate)

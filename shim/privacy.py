@@ -43,7 +43,7 @@ def summary(value: Any) -> dict[str, Any]:
             "shape": shape(value)}
 
 
-#: Record fields that carry payloads, in diff log records (shim.shadow.diff_record).
+#: Record fields that carry payloads, in diff log records (shim.addons.shadow.diff_record).
 PAYLOAD_FIELDS = ("request", "primary_reply", "shadow_reply", "secondary_reply")
 
 

@@ -1,9 +1,13 @@
-"""The data path, top to bottom: frontend -> decode -> route -> translate -> backend -> reply.
+"""The data path, top to bottom: frontend -> decode -> route -> hooks -> transport -> reply.
 
 Every request that comes in through the frontend ROUTER leaves through it exactly once:
 with the backend's reply, or with the shim's own error reply, before the request's
-deadline. Behaviour beyond moving requests (model ownership, shadowing) plugs in as
-addons with four hooks (``Addon``), so the core stays readable.
+deadline. ``Proxy`` owns the sockets (frontend, backend pool) and the drain;
+``DataPath`` serves one request on a ``Flow`` (shim.addons.base) and needs no socket:
+it reaches backends through a transport (shim.transport), so the tests run it on a
+typed fake. Behaviour beyond moving requests (model ownership, shadowing, recording,
+metrics, the rollout engine) plugs in as addons whose hooks the ``AddonManager`` calls,
+each call guarded.
 """
 
 from __future__ import annotations
@@ -14,22 +18,23 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import zmq
 
 from shim import dialects
+from shim.addons.base import AddonManager, Flow
 from shim.backlog import Backlog
 from shim.catalogue import load_catalogue
 from shim.config import ShimConfig
 from shim.conversations import Conversations
 from shim.deadlines import Deadlines
 from shim.dedup import Joins, Reply
+from shim.dialects import LEGACY
 from shim.dialects.ops import Form, Kind, Op, Result
 from shim.drain import Connections, listen_socket, release_listener
 from shim.errors import (
-    BackendBadReply,
     BackendError,
     BackendUnavailable,
     BadRequest,
@@ -38,71 +43,47 @@ from shim.errors import (
     RequestError,
     Unsupported,
 )
-from shim.merged import label_devices, merge
+from shim.merged import merge
 from shim.metrics import Metrics
 from shim.pool import BackendPool
 from shim.routing import bucket_of, random_bucket
-from shim.runtime import Rule, Runtime, runtime_from_config
-from shim.sockets import BatchReader, Frames, bind_or_explain, readable, recv_frames_fd, send_frames
+from shim.runtime import Rule, Runtime, RuntimeStore
+from shim.sockets import (
+    BatchReader,
+    Frames,
+    bind_or_explain,
+    readable,
+    recv_frames_fd,
+    send_frames,
+    split_envelope,
+)
+from shim.transport import BAD_JSON, Transport, TransportLike
 
 log = logging.getLogger("mmshim.proxy")
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
-#: What msgspec raises on bad JSON: deep nesting and invalid UTF-8 escape DecodeError.
-_BAD_JSON = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+_BAD_JSON = BAD_JSON
 
 
-class _AnyObject(msgspec.Struct):
-    """Decoding into this checks "a JSON object" without building its values."""
+class DataPath:
+    """One request, from its decoded payload to the reply frames (no sockets here).
 
-
-_check_object = msgspec.json.Decoder(_AnyObject).decode
-
-
-def _json_object(reply: bytes, backend: str) -> bytes:
-    """A passed-through reply, checked to be a JSON object (else BackendBadReply)."""
-    try:
-        _check_object(reply)
-    except (*_BAD_JSON, msgspec.ValidationError):
-        raise BackendBadReply(f"backend {backend} sent a reply that is not a JSON object") \
-            from None
-    return reply
-
-
-class Addon(Protocol):
-    """A behaviour plugged into the data path (see shim.ownership, shim.shadow)."""
-
-    def route(self, op: Op, candidates: list[str], rt: Runtime) -> list[str]:
-        """Reorder or narrow the backends a request may go to."""
-        ...
-
-    def before_send(self, op: Op, backend: str) -> Awaitable[None] | None:
-        """Something to wait for before the request goes out (bounded by its deadline)."""
-        ...
-
-    def after_send(self, op: Op, backend: str, reply: bytes | None) -> None:
-        """One attempt on ``backend`` ended: with the caller-dialect reply, or None."""
-        ...
-
-    def after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
-                    rt: Runtime) -> None:
-        """See a successful exchange, after the client has its reply."""
-        ...
-
-
-class Proxy:
-    """Owns the frontend socket, the backend pool and the runtime config."""
+    ``handle(flow)`` fills ``flow.reply`` (and ``action``, ``outcome``, ``served_by``,
+    ``exchanged``); it never raises except ``CancelledError`` (after setting a
+    SHIM_SHUTTING_DOWN reply). Order: decode -> parse -> local / merged answer ->
+    ``admit`` (bounded) -> route (weights, ``route`` hooks, health) -> per attempt
+    ``before_send`` -> transport -> ``after_send`` -> next candidate on failover.
+    """
 
     def __init__(self, cfg: ShimConfig, loop: asyncio.AbstractEventLoop,
-                 ctx: zmq.Context[zmq.Socket[bytes]], metrics: Metrics) -> None:
+                 transport: TransportLike, metrics: Metrics, *, store: RuntimeStore,
+                 addons: AddonManager) -> None:
         self.cfg = cfg
-        self.policy = cfg.policy
-        self.runtime: Runtime = runtime_from_config(cfg)
+        self.transport = transport
         self.metrics = metrics
-        self.addons: list[Addon] = []
-        self._loop = loop
-        self._max_bytes = cfg.shim.max_request_bytes
+        self.store = store
+        self.addons = addons
         self._forward_opaque = cfg.shim.opaque == "forward"
         self._grace_s = cfg.shim.reconnect_grace_ms / 1000
         self._deadlines = Deadlines(cfg.deadlines, cfg.shim.default_timeout_ms)
@@ -110,11 +91,271 @@ class Proxy:
         self._joins = Joins(cfg.dedup.bytes_window_ms / 1000, metrics.duplicate_joins)
         #: Which backend served each conversation (bounded LRU + TTL).
         self.conversations = Conversations(cfg.conversations)
-        self._catalogue = load_catalogue(cfg.models_file)
-        self._quantization = {m: e.quantization for m, e in self._catalogue.items()}
+        catalogue = load_catalogue(cfg.models_file)
+        self._quantization = {m: e.quantization for m, e in catalogue.items()}
         self._devices = {name: b.device for name, b in cfg.backends.items()}
         self._dialects = {name: b.dialect for name, b in cfg.backends.items()}
         self._sticky_key = cfg.routing.sticky_key
+        self._loop = loop
+
+    def join_bytes(self, body: Frames, future: asyncio.Future[Reply]) -> \
+            asyncio.Future[Reply] | None:
+        """A re-send of a request in flight (same bytes): the Future of its reply."""
+        return self._joins.by_bytes(tuple(body), future) if self._dedup else None
+
+    # -- decode -------------------------------------------------------------------------
+
+    async def handle(self, flow: Flow, future: asyncio.Future[Reply] | None = None) -> None:
+        """Serve ``flow``; ``future`` (dedup) gets the reply for requests joined to it."""
+        body = flow.body
+        msg: object = None
+        try:
+            msg = _decode(body[0]) if len(body) == 1 else None
+        except _BAD_JSON:
+            msg = None
+        flow.msg = msg
+        try:
+            if not isinstance(msg, dict):
+                flow.action = "opaque"
+                await self._opaque(flow)
+                return
+            try:
+                op = flow.op = dialects.parse_request(msg, flow.rt.policy)
+            except BadRequest:
+                self.metrics.bad_requests.labels("unparsable").inc()
+                raise
+            flow.action = op.kind.value
+            if self._dedup and op.request_id is not None and future is not None:
+                joined = self._joins.by_request_id(op.request_id, future)
+                if joined is not None:  # same request_id in flight: one execution
+                    flow.reply = list(await asyncio.shield(joined))
+                    flow.served_by = "joined"
+                    return
+            await self._serve(flow, op, msg)
+        except RequestError as exc:
+            flow.exchanged = False
+            flow.outcome = exc.code
+            flow.reply = self.error_frames(msg, exc.code, exc.message)
+        except asyncio.CancelledError:
+            flow.exchanged, flow.outcome = False, Code.SHUTTING_DOWN
+            flow.reply = self.error_frames(msg, flow.outcome,
+                                            "the shim shut down before a reply came")
+            raise
+        except Exception as exc:  # a bug must cost one error reply, never the shim
+            log.exception("internal error handling a request")
+            flow.exchanged, flow.outcome = False, Code.INTERNAL
+            flow.reply = self.error_frames(msg, flow.outcome, f"internal error: {exc}")
+
+    def error_frames(self, msg: object, code: str, message: str) -> Reply:
+        """The shim's error reply in the caller's form (action, command, model access,
+        MMS); a request that is not a JSON object gets the action form."""
+        form = dialects.form_of(msg)
+        return [_encode(dialects.error_reply(form, code, message, _as_dict(msg)))]
+
+    # -- serve: local, merged, or routed --------------------------------------------------
+
+    async def _serve(self, flow: Flow, op: Op, msg: dict[str, Any]) -> None:
+        """A decoded request: answered locally, from every backend (merged), or routed."""
+        local = self.conversations.local_clear(op, self._dialects)
+        if local is not None:
+            flow.served_by, flow.reply = "shim", [_encode(local)]
+            return
+        rt = flow.rt
+        action = op.kind.value
+        rule = rt.rules[action]
+        flow.deadline = flow.started + self._deadlines.ms(rt, op.form.value, op.name,
+                                                          action) / 1000
+        if self._merge_wanted(rt, op, rule):
+            merged = await self._merged(op, flow.deadline)
+            if merged is not None:
+                flow.served_by, flow.reply = "merged", [merged]
+                return
+        await self._admit(flow)
+        candidates = self._route(flow, op, msg, flow.rt.rules[action])
+        await self._forward(flow, op, candidates, flow.rt.rules[action])
+        if op.kind is Kind.GENERATE and op.conversation_id is not None and flow.backend:
+            self.conversations.served(op.conversation_id, flow.backend)
+
+    async def _admit(self, flow: Flow) -> None:
+        """Wait until no addon holds the request back (an ``admit`` hook, e.g. a model
+        hand-over in shim.addons.ownership), then route on the runtime in force at that
+        instant: the last ``admit`` check and ``_route`` run without yielding between."""
+        if not self.addons.wants("admit"):
+            return
+        for _ in range(100):
+            waiting = self.addons.admit(flow)
+            if waiting is None:
+                return
+            await _bounded(waiting, flow.deadline)
+            flow.rt = self.store.current
+        raise RequestError("the model kept moving; try again", Code.TIMEOUT)
+
+    # -- the merged view of what is loaded --------------------------------------------
+
+    def _merge_wanted(self, rt: Runtime, op: Op, rule: Rule) -> bool:
+        if op.dialect != LEGACY or op.kind not in _MERGED_KINDS or rule.pin:
+            return False
+        mode = self.cfg.merge.loaded
+        if mode == "never":
+            return False
+        # "split": two backends serve traffic (in shadow mode one answers, the other is
+        # compared against it, so the answer stays the primary's own).
+        return mode == "always" or (rt.mode == "split" and
+                                    sum(1 for w in rt.weights.values() if w > 0) > 1)
+
+    async def _merged(self, op: Op, deadline: float) -> bytes | None:
+        """status / GET_LOADED_MODELS_STATUS / HEALTH_CHECK from every connected backend,
+        merged (shim.merged); None when no backend answered (the caller routes as usual)."""
+        # Healthy backends only (an ejected or failing one is not waited for), and half of
+        # the time left at most: when no answer is usable, routing still has the rest.
+        names = [n for n, b in self.transport.backends.items() if b.healthy]
+        timeout = (deadline - time.perf_counter()) / 2
+        if not names or timeout <= 0:
+            return None
+        answers = await asyncio.gather(*(self.transport.call(n, op, timeout) for n in names),
+                                       return_exceptions=True)
+        results = {n: a for n, a in zip(names, answers, strict=True)
+                   if isinstance(a, Result) and a.ok}
+        if not results:
+            return None
+        merged = merge(op, results, self._devices, self._quantization)
+        return _encode(dialects.render_reply(op, merged))
+
+    # -- route ----------------------------------------------------------------------------
+
+    def _route(self, flow: Flow, op: Op, msg: dict[str, Any], rule: Rule) -> list[str]:
+        """Backends to try, in order: pin, else weights (sticky), then failover."""
+        backends = self.transport.backends
+        if rule.pin:
+            return [rule.pin]
+        rt = flow.rt
+        key = msg.get(self._sticky_key) if self._sticky_key else None
+        bucket = bucket_of(str(key)) if key is not None else random_bucket()
+        primary = rt.table.backend_for(bucket)
+        candidates = [primary, *(n for n in rt.table.names if n != primary)]
+        if op.dialect != LEGACY:  # clients already on the new dialect go to it unchanged
+            candidates.sort(key=lambda n: backends[n].dialect != op.dialect)
+        if rule.translate:
+            # A backend whose dialect has no equivalent of the operation is never chosen,
+            # whatever the weights (an MMS-dialect request at 100/0 goes to MMS).
+            capable = [n for n in candidates if self.transport.can_serve(op, n)]
+            if not capable:
+                raise Unsupported(f"no backend can serve {op.name or op.kind.value!r}")
+            candidates = capable
+        candidates = self.conversations.route(op, candidates)
+        # An addon may reorder or narrow the list, never widen it (AddonManager.route).
+        candidates = self.addons.route(flow, candidates)
+        if rule.failover and not all(backends[n].healthy for n in candidates):
+            # healthy backends first, the others only as a last resort
+            candidates.sort(key=lambda n: not backends[n].healthy)
+        return candidates
+
+    # -- hooks and transport, per attempt ---------------------------------------------------
+
+    async def _forward(self, flow: Flow, op: Op, candidates: list[str], rule: Rule) -> None:
+        """Send to the first candidate that can serve the request; fail over if allowed.
+
+        A candidate whose dialect has no equivalent of the operation is skipped whatever
+        the rule says; one that fails is left for the next only when failover is allowed.
+        """
+        transport, deadline = self.transport, flow.deadline
+        last: RequestError | None = None
+        for i, name in enumerate(candidates):
+            backend = transport.backends[name]
+            translate = rule.translate and op.dialect != backend.dialect
+            sent = None
+            if translate and op.conversation_id is not None and \
+                    not dialects.get(backend.dialect).clears_conversations:
+                renamed = self.conversations.backend_id(op.conversation_id)
+                if renamed != op.conversation_id:  # cleared by the shim: a fresh start
+                    sent = msgspec.structs.replace(op, conversation_id=renamed)
+            flow.backend, flow.answer, flow.result = name, None, None
+            flow.sent_at = time.perf_counter()
+            try:
+                for waiting in self.addons.before_send(flow, name):
+                    await _bounded(waiting, deadline)
+                last_chance = not (rule.failover and i + 1 < len(candidates))
+                if last_chance and not backend.connected:
+                    # Nothing else to try: a backend known to be restarting has until the
+                    # deadline; one that is gone (retired, stopped) is answered for at once.
+                    await transport.wait_connected(name, min(
+                        deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
+                    if not backend.connected:
+                        raise BackendUnavailable(f"backend {name} is not connected")
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    raise RequestError("deadline passed before a backend was free", Code.TIMEOUT)
+                timeout = min(remaining, backend.config.timeout_ms / 1000)
+                answer = await transport.send(op, name, flow.body[0], timeout,
+                                              translate=rule.translate, sent=sent)
+                flow.answer, flow.result = answer.reply, answer.result
+                flow.reply, flow.served_by, flow.exchanged = [answer.reply], name, True
+                return
+            except Unsupported as exc:  # no equivalent there, whatever the rule says
+                last = exc
+                continue
+            except BackendError as exc:
+                last = exc
+                if rule.failover and i + 1 < len(candidates):
+                    self.metrics.failovers.labels(name, candidates[i + 1]).inc()
+                    continue
+                raise last from None
+            finally:
+                self.addons.after_send(flow, name)  # guarded: never changes the reply
+        raise last or BackendUnavailable("no backend is available")
+
+    # -- opaque requests --------------------------------------------------------------------
+
+    async def _opaque(self, flow: Flow) -> None:
+        """A request that is not one JSON object (non-JSON, non-object JSON, several
+        frames): with ``opaque = "forward"`` its frames go as they are to the legacy-dialect
+        backend and its reply frames come back unchanged, whatever they hold (a generic
+        ZeroMQ endpoint, protocol.md); with ``"reject"`` it is refused."""
+        body, msg, rt = flow.body, flow.msg, flow.rt
+        if not self._forward_opaque:
+            reason, what = (("frames", f"expected one payload frame, got {len(body)}")
+                            if len(body) != 1 else
+                            ("not_object", "request must be a JSON object")
+                            if msg is not None or body[0].strip() == b"null" else
+                            ("not_json", "request is not valid JSON"))
+            self.metrics.bad_requests.labels(reason).inc()
+            raise BadRequest(what)
+        name = self._opaque_backend(rt)
+        backend = self.transport.backends[name]
+        deadline = flow.deadline = flow.started + self._deadlines.ms(rt, "opaque", None,
+                                                                     None) / 1000
+        if not backend.connected:
+            await self.transport.wait_connected(name, min(
+                deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
+        timeout = min(deadline - time.perf_counter(), backend.config.timeout_ms / 1000)
+        flow.backend = name
+        flow.reply = await self.transport.send_frames(name, list(body), timeout)
+        flow.served_by = name
+
+    def _opaque_backend(self, rt: Runtime) -> str:
+        """``shim.opaque_backend``, else the weighted primary if it speaks the legacy
+        dialect, else the first legacy-dialect backend, else the weighted primary."""
+        named = self.cfg.shim.opaque_backend
+        if named:
+            return named
+        primary = rt.table.backend_for(random_bucket())
+        if self._dialects.get(primary) == LEGACY:
+            return primary
+        return next((n for n, d in self._dialects.items() if d == LEGACY), primary)
+
+
+class Proxy:
+    """Owns the frontend socket, the backend pool and the runtime config."""
+
+    def __init__(self, cfg: ShimConfig, loop: asyncio.AbstractEventLoop,
+                 ctx: zmq.Context[zmq.Socket[bytes]], metrics: Metrics, *,
+                 store: RuntimeStore, addons: AddonManager) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self.addons = addons
+        self._loop = loop
+        self._max_bytes = cfg.shim.max_request_bytes
         self._tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
         #: Once nothing is in flight: requests == replies + unroutable (vanished clients).
@@ -167,17 +408,20 @@ class Proxy:
         self.pool = BackendPool(loop, ctx, cfg.backends, cfg.health, metrics,
                                 max_reply_bytes=cfg.shim.max_reply_bytes,
                                 max_frame_bytes=cfg.shim.max_frame_bytes)
+        self.transport = Transport(self.pool, load_catalogue(cfg.models_file),
+                                   lambda: store.current.policy)
+        self.path = DataPath(cfg, loop, self.transport, metrics, store=store, addons=addons)
+        #: Which backend served each conversation (the data path's; status reads it).
+        self.conversations = self.path.conversations
         metrics.export_counts(lambda: self.counts)
-        self.set_runtime(self.runtime)
 
     def start(self) -> None:
         self._reader.start()
 
-    def set_runtime(self, rt: Runtime) -> None:
-        """Swap the runtime config; requests already routed keep what they had."""
-        self.runtime = rt
-        for name in self.pool.backends:
-            self.metrics.weight.labels(name).set(rt.weights.get(name, 0.0))
+    @property
+    def runtime(self) -> Runtime:
+        """The Runtime in force (``store.current``); the control plane swaps the store."""
+        return self.store.current
 
     # -- 1. frontend -----------------------------------------------------------------
 
@@ -189,14 +433,13 @@ class Proxy:
         if self.draining:
             self._last_activity = time.monotonic()
             self.connections.received(fd)
-        try:
-            split = frames.index(b"", 1)
-        except ValueError:
+        split = split_envelope(frames)
+        if split is None:
             # A DEALER that sent no delimiter: answer it the way it can read.
             self._bad_request([*frames[:1], b""], None, "envelope",
                               "missing empty delimiter frame", fd)
             return
-        envelope, body = frames[: split + 1], frames[split + 1 :]
+        envelope, body = split
         size = sum(map(len, body))
         if not body:
             self._bad_request(envelope, None, "frames", "request has no payload frame", fd)
@@ -205,12 +448,12 @@ class Proxy:
                               f"request of {size} bytes exceeds the shim's limit of "
                               f"{self._max_bytes} bytes (shim.max_request_bytes)", fd)
         elif not self.accepting:
-            self._send(envelope, self._error_frames(
+            self._send(envelope, self.path.error_frames(
                 _peek(body), Code.SHUTTING_DOWN, "the shim is shutting down"), fd)
         else:
             self._open[fd] = self._open.get(fd, 0) + 1
             future: asyncio.Future[Reply] = self._loop.create_future()
-            joined = self._joins.by_bytes(tuple(body), future) if self._dedup else None
+            joined = self.path.join_bytes(body, future)
             if joined is not None:  # a re-send of a request in flight: its reply is ours
                 joined.add_done_callback(
                     lambda f: self._answer_joined(envelope, f.result(), fd))
@@ -268,329 +511,23 @@ class Proxy:
         reply = dialects.error_reply(form or Form.ACTION, Code.BAD_REQUEST, message)
         self._send(envelope, [_encode(reply)], fd)
 
-    def _error_frames(self, msg: object, code: str, message: str) -> Reply:
-        """The shim's error reply in the caller's form (action, command, model access,
-        MMS); a request that is not a JSON object gets the action form."""
-        form = dialects.form_of(msg)
-        return [_encode(dialects.error_reply(form, code, message, _as_dict(msg)))]
-
-    # -- 2..5. one request -----------------------------------------------------------
+    # -- 2..5. one request: the data path, then the one reply --------------------------
 
     async def _handle(self, envelope: Frames, body: Frames,
                       future: asyncio.Future[Reply], fd: int = -1) -> None:
         """Serve one request; its reply also answers every duplicate that joined it."""
         started = time.perf_counter()
-        rt = self.runtime  # read once: a concurrent change applies to the next request
-        msg: object = None
-        op: Op | None = None
-        backend, action, outcome = "none", "unknown", "ok"
-        reply: Reply = []
+        # The Runtime is read once: a concurrent change applies to the next request.
+        flow = Flow(body, None, None, self.store.current, started, started)
         try:
-            msg = _decode(body[0]) if len(body) == 1 else None
-        except _BAD_JSON:
-            msg = None
-        try:
-            if not isinstance(msg, dict):
-                action = "opaque"
-                backend, reply = await self._opaque(rt, body, msg, started)
-                return
-            try:
-                op = dialects.parse_request(msg, self.policy)
-            except BadRequest:
-                self.metrics.bad_requests.labels("unparsable").inc()
-                raise
-            action = op.kind.value
-            if self._dedup and op.request_id is not None:
-                joined = self._joins.by_request_id(op.request_id, future)
-                if joined is not None:  # same request_id in flight: one execution
-                    backend, reply, op = "joined", list(await asyncio.shield(joined)), None
-                    return
-            backend, reply = await self._serve(rt, op, msg, body[0], started)
-        except RequestError as exc:
-            outcome, op = exc.code, None
-            reply = self._error_frames(msg, exc.code, exc.message)
-        except asyncio.CancelledError:
-            outcome, op = Code.SHUTTING_DOWN, None
-            reply = self._error_frames(msg, outcome, "the shim shut down before a reply came")
-            raise
-        except Exception as exc:  # a bug must cost one error reply, never the shim
-            log.exception("internal error handling a request")
-            outcome, op = Code.INTERNAL, None
-            reply = self._error_frames(msg, outcome, f"internal error: {exc}")
+            await self.path.handle(flow, future)
         finally:
+            reply = flow.reply or []
             if not future.done():
                 future.set_result(reply)
-            self.metrics.record_request(backend, action, outcome, time.perf_counter() - started)
             self._send(envelope, reply, fd)
             self._settled(fd)
-            if op is not None and backend in self.pool.backends:
-                self._after_reply(op, backend, body[0], reply[0], rt)  # never raises
-
-    async def _serve(self, rt: Runtime, op: Op, msg: dict[str, Any], payload: bytes,
-                     started: float) -> tuple[str, Reply]:
-        """A decoded request: answered locally, from every backend (merged), or routed."""
-        local = self.conversations.local_clear(op, self._dialects)
-        if local is not None:
-            return "shim", [_encode(local)]
-        action = op.kind.value
-        rule = rt.rules[action]
-        deadline = started + self._deadlines.ms(rt, op.form.value, op.name, action) / 1000
-        if self._merge_wanted(rt, op, rule):
-            merged = await self._merged(op, deadline)
-            if merged is not None:
-                return "merged", [merged]
-        rt = await self._admit(op, rt, deadline)
-        candidates = self._route(rt, op, msg, rule)
-        backend, reply = await self._forward(op, payload, candidates, rule, deadline)
-        if op.kind is Kind.GENERATE and op.conversation_id is not None:
-            self.conversations.served(op.conversation_id, backend)
-        return backend, [reply]
-
-    def _after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
-                     rt: Runtime) -> None:
-        """The addons' look at a finished exchange; the client has its one reply already,
-        so a failing addon is logged, never answered a second time."""
-        for addon in self.addons:
-            try:
-                addon.after_reply(op, backend, request, reply, rt)
-            except Exception:
-                log.exception("addon %s failed after a reply", type(addon).__name__)
-
-    async def _admit(self, op: Op, rt: Runtime, deadline: float) -> Runtime:
-        """Wait until no addon holds the request back (an ``admit`` hook, e.g. a model
-        hand-over in shim.ownership), then route on the runtime in force at that instant:
-        the last ``admit`` check and ``_route`` run without yielding in between."""
-        for _ in range(100):
-            waiting = None
-            for addon in self.addons:
-                admit = getattr(addon, "admit", None)
-                if admit is not None and (waiting := admit(op)) is not None:
-                    break
-            if waiting is None:
-                return rt
-            await _bounded(waiting, deadline)
-            rt = self.runtime
-        raise RequestError("the model kept moving; try again", Code.TIMEOUT)
-
-    # -- the merged view of what is loaded --------------------------------------------
-
-    def _merge_wanted(self, rt: Runtime, op: Op, rule: Rule) -> bool:
-        if op.dialect != dialects.LEGACY or op.kind not in _MERGED_KINDS or rule.pin:
-            return False
-        mode = self.cfg.merge.loaded
-        if mode == "never":
-            return False
-        # "split": two backends serve traffic (in shadow mode one answers, the other is
-        # compared against it, so the answer stays the primary's own).
-        return mode == "always" or (rt.mode == "split" and
-                                    sum(1 for w in rt.weights.values() if w > 0) > 1)
-
-    async def _merged(self, op: Op, deadline: float) -> bytes | None:
-        """status / GET_LOADED_MODELS_STATUS / HEALTH_CHECK from every connected backend,
-        merged (shim.merged); None when no backend answered (the caller routes as usual)."""
-        # Healthy backends only (an ejected or failing one is not waited for), and half of
-        # the time left at most: when no answer is usable, routing still has the rest.
-        names = [n for n, b in self.pool.backends.items() if b.healthy]
-        timeout = (deadline - time.perf_counter()) / 2
-        if not names or timeout <= 0:
-            return None
-        answers = await asyncio.gather(*(self.call(n, op.raw, timeout) for n in names),
-                                       return_exceptions=True)
-        results = {n: a for n, a in zip(names, answers, strict=True)
-                   if isinstance(a, Result) and a.ok}
-        if not results:
-            return None
-        merged = merge(op, results, self._devices, self._quantization)
-        return _encode(dialects.render_reply(op, merged))
-
-    def _route(self, rt: Runtime, op: Op, msg: dict[str, Any], rule: Rule) -> list[str]:
-        """Backends to try, in order: pin, else weights (sticky), then failover."""
-        backends = self.pool.backends
-        if rule.pin:
-            return [rule.pin]
-        key = msg.get(self._sticky_key) if self._sticky_key else None
-        bucket = bucket_of(str(key)) if key is not None else random_bucket()
-        primary = rt.table.backend_for(bucket)
-        candidates = [primary, *(n for n in rt.table.names if n != primary)]
-        if op.dialect != dialects.LEGACY:  # clients already on the new dialect go to it unchanged
-            candidates.sort(key=lambda n: backends[n].dialect != op.dialect)
-        if rule.translate:
-            # A backend whose dialect has no equivalent of the operation is never chosen,
-            # whatever the weights (an MMS-dialect request at 100/0 goes to MMS).
-            capable = [n for n in candidates if self._can_serve(op, n)]
-            if not capable:
-                raise Unsupported(f"no backend can serve {op.name or op.kind.value!r}")
-            candidates = capable
-        candidates = self.conversations.route(op, candidates)
-        chosen = candidates
-        for addon in self.addons:
-            candidates = addon.route(op, candidates, rt)
-        if rule.translate:  # an addon may narrow the list, never to an incapable backend
-            candidates = [c for c in candidates if c in chosen] or chosen
-        if rule.failover and not all(backends[n].healthy for n in candidates):
-            # healthy backends first, the others only as a last resort
-            candidates.sort(key=lambda n: not backends[n].healthy)
-        return candidates
-
-    def _can_serve(self, op: Op, name: str) -> bool:
-        dialect = self.pool.backends[name].dialect
-        if dialect == op.dialect:
-            return True
-        try:
-            dialects.render_request(op, dialect, self.policy)
-        except dialects.Unsupported:
-            return False
-        return True
-
-    async def _forward(self, op: Op, payload: bytes, candidates: list[str], rule: Rule,
-                       deadline: float) -> tuple[str, bytes]:
-        """Send to the first candidate that can serve the request; fail over if allowed.
-
-        A candidate whose dialect has no equivalent of the operation is skipped whatever
-        the rule says; one that fails is left for the next only when failover is allowed.
-        """
-        last: RequestError | None = None
-        for i, name in enumerate(candidates):
-            backend = self.pool.backends[name]
-            translate = rule.translate and op.dialect != backend.dialect
-            if translate:
-                sent = op
-                if op.conversation_id is not None and \
-                        not dialects.get(backend.dialect).clears_conversations:
-                    renamed = self.conversations.backend_id(op.conversation_id)
-                    if renamed != op.conversation_id:  # cleared by the shim: a fresh start
-                        sent = msgspec.structs.replace(op, conversation_id=renamed)
-                try:
-                    requests = [_encode(r) for r in
-                                dialects.render_request(sent, backend.dialect, self.policy)]
-                except dialects.Unsupported as exc:
-                    last = Unsupported(f"{name} cannot serve this: {exc}")
-                    continue
-            else:
-                requests = [payload]
-            reply: bytes | None = None
-            try:
-                for addon in self.addons:
-                    waiting = addon.before_send(op, name)
-                    if waiting is not None:
-                        await _bounded(waiting, deadline)
-                last_chance = not (rule.failover and i + 1 < len(candidates))
-                if last_chance and not backend.connected:
-                    # Nothing else to try: a backend known to be restarting has until the
-                    # deadline; one that is gone (retired, stopped) is answered for at once.
-                    await self.pool.wait_connected(name, min(
-                        deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
-                    if not backend.connected:
-                        raise BackendUnavailable(f"backend {name} is not connected")
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    raise RequestError("deadline passed before a backend was free", Code.TIMEOUT)
-                timeout = min(remaining, backend.config.timeout_ms / 1000)
-                if len(requests) == 1:  # the common case, without gather's extra Future
-                    replies = [await self.pool.request(name, requests[0], timeout)]
-                else:
-                    replies = await asyncio.gather(
-                        *[self.pool.request(name, r, timeout) for r in requests])
-                reply = (self._translate_reply(op, name, replies) if translate
-                         else _json_object(replies[0], name))
-                return name, reply
-            except BackendError as exc:
-                last = exc
-                if rule.failover and i + 1 < len(candidates):
-                    self.metrics.failovers.labels(name, candidates[i + 1]).inc()
-                    continue
-                raise last from None
-            finally:
-                for addon in self.addons:
-                    addon.after_send(op, name, reply)
-        raise last or BackendUnavailable("no backend is available")
-
-    def _translate_reply(self, op: Op, name: str, replies: list[bytes]) -> bytes:
-        """Backend ``name``'s replies, read in its dialect and rendered in the caller's.
-
-        The caller sees its own conversation id (not a renamed one), the backend's
-        configured ``device`` label where it reports none, and, for model access served
-        by MMS, the model's path and quantization from the model config.
-        An unusable reply raises BackendBadReply, so that the request can fail over.
-        """
-        dialect = self.pool.backends[name].dialect
-        decoded: list[Any] = []
-        for raw in replies:
-            try:
-                decoded.append(_decode(raw))
-            except _BAD_JSON:
-                raise BackendBadReply(f"{dialect} backend reply is not valid JSON") from None
-        result = dialects.parse_reply(op, dialect, decoded)
-        if not result.ok and result.error_code == BackendBadReply.code:
-            raise BackendBadReply(result.message or "unusable backend reply")
-        if result.conversation_id is not None and op.conversation_id is not None:
-            result.conversation_id = op.conversation_id
-        label_devices(result, self._devices.get(name, ""), self._quantization)
-        info = result.access_info
-        if info is not None and dialect != op.dialect:
-            entry = self._catalogue.get(op.model_id or "")
-            context = op.raw.get("context")
-            given = context if isinstance(context, dict) else {}
-            if entry is not None and not info.model_path_from_config:
-                info.model_path_from_config = entry.path
-            quantization, priority = given.get("quantization_level"), given.get("priority")
-            if isinstance(quantization, str | int) and not isinstance(quantization, bool):
-                info.quantization_level = quantization  # echoed as sent, as MMA does
-            elif entry is not None:
-                info.quantization_level = entry.quantization
-            if isinstance(priority, str | int) and not isinstance(priority, bool):
-                info.priority = priority
-        return _encode(dialects.render_reply(op, result))
-
-    async def call(self, backend: str, msg: dict[str, Any], timeout_s: float) -> Result:
-        """An internal request (ownership polls, hand-overs) in the MMA dialect, sent to
-        ``backend`` in its own dialect, read back as a canonical Result."""
-        op = dialects.parse_request(msg, self.policy)
-        dialect = self.pool.backends[backend].dialect
-        requests = dialects.render_request(op, dialect, self.policy)
-        raw = await asyncio.gather(*(self.pool.request(backend, _encode(r), timeout_s)
-                                     for r in requests))
-        replies = []
-        for item in raw:
-            try:
-                replies.append(_decode(item))
-            except _BAD_JSON:
-                replies.append({"error": "reply is not valid JSON"})
-        return dialects.parse_reply(op, dialect, replies)
-
-    async def _opaque(self, rt: Runtime, body: Frames, msg: object,
-                      started: float) -> tuple[str, Reply]:
-        """A request that is not one JSON object (non-JSON, non-object JSON, several
-        frames): with ``opaque = "forward"`` its frames go as they are to the legacy-dialect
-        backend and its reply frames come back unchanged, whatever they hold (a generic
-        ZeroMQ endpoint, protocol.md); with ``"reject"`` it is refused."""
-        if not self._forward_opaque:
-            reason, what = (("frames", f"expected one payload frame, got {len(body)}")
-                            if len(body) != 1 else
-                            ("not_object", "request must be a JSON object")
-                            if msg is not None or body[0].strip() == b"null" else
-                            ("not_json", "request is not valid JSON"))
-            self.metrics.bad_requests.labels(reason).inc()
-            raise BadRequest(what)
-        name = self._opaque_backend(rt)
-        backend = self.pool.backends[name]
-        deadline = started + self._deadlines.ms(rt, "opaque", None, None) / 1000
-        if not backend.connected:
-            await self.pool.wait_connected(name, min(
-                deadline - time.perf_counter(), backend.restart_wait_s(self._grace_s)))
-        timeout = min(deadline - time.perf_counter(), backend.config.timeout_ms / 1000)
-        return name, await self.pool.request_frames(name, list(body), timeout)
-
-    def _opaque_backend(self, rt: Runtime) -> str:
-        """``shim.opaque_backend``, else the weighted primary if it speaks MMA, else the
-        first MMA-dialect backend, else the weighted primary."""
-        named = self.cfg.shim.opaque_backend
-        if named:
-            return named
-        primary = rt.table.backend_for(random_bucket())
-        if self._dialects.get(primary) == dialects.LEGACY:
-            return primary
-        return next((n for n, d in self._dialects.items() if d == dialects.LEGACY), primary)
+            self.addons.after_reply(flow)  # guarded: the client has its one reply
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -700,7 +637,7 @@ def _as_dict(msg: object) -> dict[str, Any] | None:
     return msg if isinstance(msg, dict) else None
 
 
-async def _bounded(waiting: Awaitable[None], deadline: float) -> None:
+async def _bounded(waiting: Awaitable[Any], deadline: float) -> None:
     remaining = deadline - time.perf_counter()
     try:
         await asyncio.wait_for(waiting, max(0.0, remaining))
@@ -708,4 +645,4 @@ async def _bounded(waiting: Awaitable[None], deadline: float) -> None:
         raise RequestError("timed out waiting for a model hand-over", Code.TIMEOUT) from None
 
 
-__all__ = ["Addon", "Form", "Proxy"]
+__all__ = ["DataPath", "Form", "Proxy"]

@@ -1,8 +1,8 @@
 """The replay engine, shared by ``mmshim replay`` and ``mmshim parity``.
 
 Exchanges (shim.capture: recorded by the shim, or a parity corpus) are sent to a
-candidate backend, translated as the shim would (shim.dialects through shim.shadow's
-``requests_for``/``caller_reply``), and each candidate reply, rendered in the caller's
+candidate backend, translated as the shim would (through shim.transport, like live and shadow
+traffic), and each candidate reply, rendered in the caller's
 dialect, is compared with a reference reply by the shadow compare rules (shim.compare):
 
 - ``mmshim replay CAPTURE --to EP``: the reference is the reply recorded in the capture
@@ -53,16 +53,18 @@ import msgspec
 import zmq
 
 from shim import dialects
+from shim.addons.shadow import caller_view, diff_record, judge
 from shim.capture import Exchange, read_capture, redact, unredact
+from shim.catalogue import CatalogueEntry, load_catalogue
 from shim.compare import Rules, generalize
 from shim.config import BackendConfig, HealthSection, ShimConfig
 from shim.dialects import Kind, Op
 from shim.dialects.ops import Dialect
 from shim.difflog import Tally, dumps
-from shim.errors import BackendError, BackendTimeout, CaptureError
+from shim.errors import BackendError, BackendTimeout, CaptureError, UnusableReply
 from shim.metrics import Metrics
 from shim.pool import BackendPool
-from shim.shadow import ReplyError, caller_reply, diff_record, judge, requests_for, send_all
+from shim.transport import Transport, unusable_view
 
 #: Exit codes: 0 within the threshold, 1 above it, 2 unusable input, 3 unreachable.
 PASS, FAIL, BAD_INPUT, UNREACHABLE = 0, 1, 2, 3
@@ -114,29 +116,43 @@ class Outcome:
 
 @dataclass
 class Side:
-    """A live backend to ask: a name in a pool (its dialect comes from the pool)."""
+    """A live backend to ask: a name in a pool (its dialect comes from the pool), reached
+    through the shim's one transport (shim.transport: the same translation and the same
+    bad-reply policy as live traffic)."""
 
     pool: BackendPool
     name: str
     #: Pass the caller's bytes through unchanged when the dialects match (as the shim
     #: does); False renders every request from the parsed op (the parity run's way).
     passthrough: bool = True
+    #: The model config, for what MMS does not report (as the shim fills it).
+    catalogue: Mapping[str, CatalogueEntry] | None = None
+    _policy: Mapping[str, str] = field(default_factory=dict)
+    _transport: Transport | None = None
+
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            self._transport = Transport(self.pool, self.catalogue, lambda: self._policy)
+        return self._transport
 
     async def ask(self, op: Op, request: dict[str, Any], policy: Mapping[str, str]) -> Answer:
         """The reply as the caller would get it, with the round trip in ms."""
         backend = self.pool.backends[self.name]
         started = time.perf_counter()
+        self._policy = policy
         try:
             payload = msgspec.json.encode(request) if self.passthrough else None
-            frames = requests_for(op, backend.dialect, payload, policy)
             timeout = backend.config.timeout_ms / 1000
-            raw = list(await asyncio.gather(*send_all(self.pool, self.name, frames, timeout)))
-            reply = caller_reply(op, backend.dialect, raw)
+            answer = await self.transport.send(op, self.name, payload, timeout)
+            reply = caller_view(op, answer)
         except dialects.Unsupported as exc:
             return Answer(fail="unsupported", message=str(exc))
         except BackendTimeout as exc:
             return Answer(fail="timeout", message=str(exc))
-        except (BackendError, ReplyError) as exc:
+        except UnusableReply as exc:  # compared as the caller would have got it
+            reply = unusable_view(op, exc)
+        except BackendError as exc:
             return Answer(fail="error", message=str(exc))
         return Answer(reply, latency_ms=(time.perf_counter() - started) * 1000)
 
@@ -152,11 +168,9 @@ def pool_for(loop: asyncio.AbstractEventLoop, ctx: zmq.Context[zmq.Socket[bytes]
 
 
 def _dialect(name: str) -> Dialect:
-    if name == "mma":
-        return "mma"
-    if name == "mms":
-        return "mms"
-    raise ValueError(f"unknown dialect {name!r} (expected mma or mms)")
+    if name in dialects.names():
+        return name
+    raise ValueError(f"unknown dialect {name!r} (expected one of {', '.join(dialects.names())})")
 
 
 async def wait_connected(sides: Sequence[Side], timeout_s: float) -> list[str]:
@@ -475,7 +489,8 @@ async def _run_replay(cfg: ShimConfig, opts: ReplayOptions, exchanges: list[Exch
     if opts.calibrate:
         endpoints["twin"] = (opts.calibrate, opts.calibrate_dialect)
     pool = pool_for(loop, ctx, endpoints, opts.timeout_ms)
-    sides = {name: Side(pool, name) for name in endpoints}
+    catalogue = load_catalogue(cfg.models_file)  # filled in as the shim fills it
+    sides = {name: Side(pool, name, catalogue=catalogue) for name in endpoints}
     try:
         missing = await wait_connected(list(sides.values()), opts.connect_timeout_s)
         if missing:

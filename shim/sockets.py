@@ -16,7 +16,7 @@ received as ``zmq.Frame`` whose ``more`` flag saves a ZMQ_RCVMORE lookup per fra
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -59,6 +59,24 @@ def recv_frames_fd(sock: zmq.Socket[bytes]) -> tuple[Frames, int]:
         frame = recv(_NOBLOCK, copy=False)
         frames.append(frame.bytes)
     return frames, fd if isinstance(fd, int) else -1
+
+
+def split_envelope(frames: Sequence[bytes]) -> tuple[Frames, Frames] | None:
+    """A ROUTER's message ``[identity, ..., b"", body...]`` -> (envelope, body).
+
+    The one rule, for the frontend, the admin socket and the reference backends: the
+    envelope runs up to and including the FIRST empty frame after the routing id (the
+    REQ/DEALER delimiter, ZeroMQ guide ch. 3 "The Extended Reply Envelope"); everything
+    after it is the body, which may itself hold empty frames. None when there is no
+    delimiter: each caller answers such a DEALER in the way it can read (the frontend
+    with a SHIM_BAD_REQUEST under ``[identity, b""]``, the admin socket and the backends
+    a ``[identity, payload]`` message under ``[identity]``).
+    """
+    try:
+        i = frames.index(b"", 1)  # in C: this runs for every request
+    except ValueError:
+        return None
+    return list(frames[: i + 1]), list(frames[i + 1:])
 
 
 def send_frames(sock: zmq.Socket[bytes], frames: Frames | tuple[bytes, ...]) -> None:

@@ -56,12 +56,20 @@ class Flow:
     one JSON object); ``op``: the parsed operation (None for opaque requests); ``rt``:
     the Runtime the request was routed with; ``deadline``: ``time.perf_counter()``
     seconds by which the client must have its reply. ``backend`` is the backend of the
-    last attempt, ``result`` the decoded result of the last attempt that produced one,
+    last attempt; ``answer`` the caller-dialect reply bytes of the last attempt (None
+    when it failed); ``result`` the decoded Result of the last attempt when its reply
+    was translated (None for a passed-through reply: never decoded on the hot path);
     ``reply`` the reply frames the client got (set before ``after_reply``).
+
+    Set before ``after_reply``: ``action`` (the operation kind's value, ``"opaque"`` or
+    ``"unknown"``), ``outcome`` (``"ok"`` or the ``SHIM_*`` code of the shim's error
+    reply), ``served_by`` (the metrics label: a backend, ``"shim"``, ``"merged"``,
+    ``"joined"`` or ``"none"``) and ``exchanged`` (True when the client's reply is
+    ``backend``'s answer to ``op``: what shadow and recording look at).
     """
 
-    __slots__ = ("backend", "body", "deadline", "msg", "op", "reply", "result", "rt",
-                 "started")
+    __slots__ = ("action", "answer", "backend", "body", "deadline", "exchanged", "msg",
+                 "op", "outcome", "reply", "result", "rt", "sent_at", "served_by", "started")
 
     def __init__(self, body: list[bytes], msg: object, op: Op | None, rt: Runtime,
                  started: float, deadline: float) -> None:
@@ -73,7 +81,14 @@ class Flow:
         self.deadline = deadline
         self.backend: str | None = None
         self.result: Result | None = None
+        self.answer: bytes | None = None
+        #: ``time.perf_counter()`` when the last attempt started (0.0: none yet).
+        self.sent_at = 0.0
         self.reply: list[bytes] | None = None
+        self.action = "unknown"
+        self.outcome = "ok"
+        self.served_by = "none"
+        self.exchanged = False
 
     @property
     def request(self) -> bytes:
@@ -124,6 +139,8 @@ class Addon:
         return None
 
 
+_NO_WAITS: list[Awaitable[Any]] = []  # shared, never appended to
+
 #: Hook names a subclass may override (used to skip addons that do not).
 _HOOKS = ("admit", "route", "before_send", "after_send", "after_reply")
 
@@ -154,6 +171,13 @@ class AddonManager:
         """The first addon of type ``kind``, or None."""
         return next((a for a in self._addons if isinstance(a, kind)), None)
 
+    def wants(self, hook: str) -> bool:
+        """Whether any addon overrides the data-path ``hook`` (lets the proxy skip it)."""
+        return bool(self._by_hook[hook])
+
+    def __len__(self) -> int:
+        return len(self._addons)
+
     def _failed(self, addon: Addon, hook: str) -> None:
         log.exception("addon %s failed in %s; ignored", addon.name, hook)
         if self._on_error is not None:
@@ -175,6 +199,8 @@ class AddonManager:
         return None
 
     def route(self, flow: Flow, candidates: list[str]) -> list[str]:
+        """Each addon may reorder or narrow the candidates, never add one: a backend it
+        names that is not a candidate is dropped, and an empty answer changes nothing."""
         for addon in self._by_hook["route"]:
             try:
                 routed = addon.route(flow, list(candidates))
@@ -187,8 +213,11 @@ class AddonManager:
         return candidates
 
     def before_send(self, flow: Flow, backend: str) -> list[Awaitable[Any]]:
+        hooked = self._by_hook["before_send"]
+        if not hooked:
+            return _NO_WAITS
         waits = []
-        for addon in self._by_hook["before_send"]:
+        for addon in hooked:
             try:
                 waiting = addon.before_send(flow, backend)
             except RequestError:

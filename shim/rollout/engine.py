@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 import msgspec
 from prometheus_client import Counter, Gauge
 
+from shim.addons.base import Addon, Flow
 from shim.config import Mode
-from shim.dialects import Op
 from shim.errors import CommandError, PlanError
 from shim.rollout.gates import (
     Evidence,
@@ -51,10 +51,10 @@ from shim.state import atomic_write
 if TYPE_CHECKING:
     import zmq
 
+    from shim.addons.ownership import Ownership
     from shim.config import ShimConfig
     from shim.control import Controller
     from shim.metrics import Metrics
-    from shim.ownership import Ownership
     from shim.proxy import Proxy
 
 log = logging.getLogger("mmshim.rollout")
@@ -129,8 +129,10 @@ class RolloutHost(Protocol):
     def sync_ctx(self) -> zmq.Context[zmq.Socket[bytes]]: ...
 
 
-class RolloutEngine:
+class RolloutEngine(Addon):
     """One shim's rollouts (one at a time). See the module doc."""
+
+    name = "rollout"
 
     def __init__(self, shim: RolloutHost, controller: Controller, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -152,7 +154,6 @@ class RolloutEngine:
         self._shadow_base: dict[str, tuple[int, int]] = {}
         self._vram_polls: list[tuple[float, float | None, float | None]] = []
         self._vram_seen: object = None
-        self._started: dict[tuple[int, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         self._prober: Prober | None = None
         self._dirty_at = 0.0
@@ -168,9 +169,8 @@ class RolloutEngine:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Plug into the proxy, restore a saved rollout, start ticking."""
-        assert self.shim.proxy is not None
-        self.shim.proxy.addons.append(self)
+        """Restore a saved rollout, start ticking (its hooks are plugged in with the other
+        addons, shim.app)."""
         self._restore()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
@@ -213,36 +213,28 @@ class RolloutEngine:
 
     # -- the addon hooks ---------------------------------------------------------------
 
-    def route(self, op: Op, candidates: list[str], rt: Runtime) -> list[str]:
-        return candidates
-
-    def before_send(self, op: Op, backend: str) -> None:
-        self._started[(id(op), backend)] = self._clock()
-
-    def after_send(self, op: Op, backend: str, reply: bytes | None) -> None:
-        started = self._started.pop((id(op), backend), None)
-        if started is None:
+    def after_send(self, flow: Flow, backend: str) -> None:
+        """One attempt ended: its outcome and round trip (from ``flow.sent_at``) are
+        evidence for the gates."""
+        op = flow.op
+        if op is None or not flow.sent_at:
             return
+        elapsed = time.perf_counter() - flow.sent_at
         now = self._clock()
-        elapsed = now - started
         proxy = self.shim.proxy
         timeout_s = math.inf
         if proxy is not None:
-            rule = proxy.runtime.rules.get(op.kind.value)
+            rule = flow.rt.rules.get(op.kind.value)
             pool_backend = proxy.pool.backends.get(backend)
             limits = [r / 1000 for r in (rule.timeout_ms if rule else None,
                       pool_backend.config.timeout_ms if pool_backend else None) if r]
             timeout_s = min(limits, default=math.inf)
         self.evidence.add(backend, op.model_id, op.kind.value,
-                          outcome_of(reply, elapsed, timeout_s), elapsed, now)
-
-    def after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
-                    rt: Runtime) -> None:
-        return None
+                          outcome_of(flow.answer, elapsed, timeout_s), elapsed, now)
 
     # -- admin commands ---------------------------------------------------------------------
 
-    def admin_commands(self) -> dict[str, Any]:
+    def commands(self) -> dict[str, Any]:
         return {"rollout_status": self.cmd_status, "rollout_start": self.cmd_start,
                 "rollout_pause": self.cmd_pause, "rollout_resume": self.cmd_resume,
                 "rollout_abort": self.cmd_abort, "rollout_promote": self.cmd_promote}

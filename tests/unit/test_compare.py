@@ -1,5 +1,5 @@
 """Shadow comparison rules (shim.compare), the diff log's rotation and its report
-(shim.difflog), and the shadow sample (shim.shadow.in_sample)."""
+(shim.difflog), and the shadow sample (shim.addons.shadow.in_sample)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from shim.addons.shadow import in_sample
 from shim.compare import (
     DEFAULT_RULES,
     Rules,
@@ -22,7 +23,6 @@ from shim.compare import (
 from shim.config import decode_config
 from shim.difflog import DiffLog, RotatingWriter, Tally, log_files, read_records
 from shim.errors import ConfigError, PatternError
-from shim.shadow import in_sample
 
 
 def paths(diffs: list[Any]) -> list[str]:

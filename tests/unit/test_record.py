@@ -1,7 +1,6 @@
-"""The record addon (shim.record.Recorder) with its real writer thread and files.
+"""The record addon (shim.addons.record.Recorder) with its real writer thread and files.
 
-The proxy is only the Recorder's source of settings and of the metrics registry; the
-Recorder's hooks are called the way shim.proxy calls them.
+The Recorder's hook is called with a finished Flow, the way shim.proxy calls it.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import json
 import stat
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -19,32 +17,35 @@ import pytest
 from prometheus_client import generate_latest
 
 from shim import dialects
-from shim.config import RecordSection
+from shim.addons.base import Flow
+from shim.addons.record import Recorder, in_record_sample
+from shim.config import RecordSection, decode_config
 from shim.errors import CommandError
 from shim.metrics import Metrics
-from shim.record import Recorder, in_record_sample
-from shim.runtime import Runtime
+from shim.runtime import runtime_from_config
 from tests.reliability.helpers import wait_until
 
 POLICY = {"fast": "phi-2"}
-RT: Runtime = None  # type: ignore[assignment]  # the Recorder never reads it
+RT = runtime_from_config(decode_config({
+    "backends": {"mma": {"dialect": "mma", "endpoints": ["tcp://127.0.0.1:5580"]}},
+    "policy": POLICY}))
 
 
 def recorder(tmp_path: Path, **settings: Any) -> tuple[Recorder, Metrics]:
     metrics = Metrics()
-    proxy: Any = SimpleNamespace(cfg=SimpleNamespace(routing=SimpleNamespace(
-        sticky_key="conversation_id")), metrics=metrics)
     section = RecordSection(path=str(tmp_path / "rec" / "cap.jsonl"), **settings)
-    return Recorder(proxy, section), metrics
+    return Recorder(section, metrics, "conversation_id"), metrics
 
 
 def exchange(rec: Recorder, msg: dict[str, Any], reply: dict[str, Any]) -> None:
-    """One exchange through the hooks, in the proxy's order."""
-    op = dialects.parse_request(msg, POLICY)
-    rec.before_send(op, "mma")
+    """One finished exchange, as the proxy hands it to the addon."""
+    body = [msgspec.json.encode(msg)]
+    now = time.perf_counter()
+    flow = Flow(body, msg, dialects.parse_request(msg, POLICY), RT, now, now + 1.0)
     raw_reply = msgspec.json.encode(reply)
-    rec.after_send(op, "mma", raw_reply)
-    rec.after_reply(op, "mma", msgspec.json.encode(msg), raw_reply, RT)
+    flow.backend, flow.sent_at, flow.answer = "mma", now, raw_reply
+    flow.reply, flow.exchanged = [raw_reply], True
+    rec.after_reply(flow)
 
 
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "top secret prompt",
@@ -133,7 +134,7 @@ def test_the_file_rotates_at_max_bytes_and_keeps_backups(tmp_path: Path) -> None
 
 def test_admin_commands_validate_their_arguments(tmp_path: Path) -> None:
     rec, _ = recorder(tmp_path)
-    commands = rec.admin_commands()
+    commands = rec.commands()
     for bad in ({"percent": 0}, {"percent": 150}, {"percent": True}, {"max_bytes": 10},
                 {"max_bytes": 1.5}, {"path": "/etc/passwd"}, {"payloads": True}):
         with pytest.raises(CommandError):

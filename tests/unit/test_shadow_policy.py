@@ -1,42 +1,57 @@
-"""The shadow's `if_loaded` check (shim.shadow.Shadow.is_loaded), without sockets: when may
+"""The shadow's `if_loaded` check (shim.addons.shadow.Shadow.is_loaded), without sockets: when may
 a generate be mirrored to a backend without making it load a model?"""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-from typing import Any
+import time
 
 import pytest
 
 from shim import dialects
-from shim.compare import compare
-from shim.config import ShadowSection, decode_config
+from shim.addons.base import Flow
+from shim.addons.loaded import LoadedModels
+from shim.addons.ownership import Ownership
+from shim.addons.shadow import Shadow
+from shim.config import decode_config
 from shim.metrics import Metrics
-from shim.shadow import Shadow
+from shim.owners import Move
+from shim.runtime import RuntimeStore, runtime_from_config
+from tests.fake_transport import FakeTransport
 
 POLICY = {"fast": "phi-2", "quality": "mistral-7b"}
 
 
-def make_shadow(ownership: Any = None, shared: tuple[str, ...] = ()) -> Shadow:
+def make_shadow(ownership_on: bool = False, shared: tuple[str, ...] = ()) -> \
+        tuple[Shadow, LoadedModels, Ownership | None]:
     cfg = decode_config({
         "backends": {"mma": {"dialect": "mma", "endpoints": ["tcp://127.0.0.1:5580"]},
                      "mms": {"dialect": "mms", "endpoints": ["tcp://127.0.0.1:7211"]}},
         "ownership": {"poll_interval_ms": 1000, "shared_models": list(shared)},
         "policy": POLICY,
     })
-    proxy: Any = SimpleNamespace(pool=SimpleNamespace(backends={"mma": None, "mms": None}),
-                                 metrics=Metrics(), runtime=None)
-    return Shadow(proxy, cfg, None, ownership)  # type: ignore[arg-type]
+    transport = FakeTransport({"mma": "mma", "mms": "mms"}, POLICY)
+    store, metrics = RuntimeStore(runtime_from_config(cfg)), Metrics()
+    loaded = LoadedModels(transport, 1.0, metrics=metrics)
+    ownership = Ownership(transport, cfg.ownership, store=store, loaded=loaded,
+                          metrics=metrics) if ownership_on else None
+    shadow = Shadow(transport, cfg, store=store, metrics=metrics, loaded=loaded,
+                    ownership=ownership)
+    return shadow, loaded, ownership
 
 
-def unload(model: str) -> dialects.Op:
-    return dialects.parse_request({"command": "UNLOAD_MODEL", "model_name": model}, POLICY)
+def unloaded_on(shadow: Shadow, backend: str, model: str) -> None:
+    """An unload of ``model`` on ``backend`` through the data path (the after_send hook)."""
+    msg = {"command": "UNLOAD_MODEL", "model_name": model}
+    now = time.perf_counter()
+    flow = Flow([b"{}"], msg, dialects.parse_request(msg, POLICY),
+                shadow._store.current, now, now + 1)
+    shadow.after_send(flow, backend)
 
 
-def test_without_ownership_its_own_poll_decides() -> None:
-    shadow = make_shadow()
+def test_without_ownership_the_shared_poll_decides() -> None:
+    shadow, loaded, _ = make_shadow()
     assert not shadow.is_loaded("mms", "phi-2")  # never polled: nothing is loaded
-    shadow.loaded["mms"] = {"phi-2"}
+    loaded.loaded["mms"] = {"phi-2"}
     assert shadow.is_loaded("mms", "phi-2")
     assert not shadow.is_loaded("mms", "mistral-7b")
     assert not shadow.is_loaded("mma", "phi-2")
@@ -44,12 +59,12 @@ def test_without_ownership_its_own_poll_decides() -> None:
 
 
 def test_an_unload_seen_on_the_data_path_wins_over_a_stale_poll() -> None:
-    shadow = make_shadow()
-    shadow.loaded["mms"] = {"phi-2"}
-    shadow.after_send(unload("phi-2"), "mms", b'{"status": "success"}')
+    shadow, loaded, _ = make_shadow()
+    loaded.loaded["mms"] = {"phi-2"}
+    loaded.loaded["mma"] = {"phi-2"}
+    unloaded_on(shadow, "mms", "phi-2")
     assert not shadow.is_loaded("mms", "phi-2")
-    shadow.after_send(unload("phi-2"), "mma", None)  # another backend: no effect on mms
-    assert not shadow.is_loaded("mma", "phi-2")
+    assert shadow.is_loaded("mma", "phi-2")  # another backend: no effect there
 
 
 @pytest.mark.parametrize(("shared", "owner", "moving", "expected"), [
@@ -61,16 +76,12 @@ def test_an_unload_seen_on_the_data_path_wins_over_a_stale_poll() -> None:
 ])
 def test_with_ownership_the_model_must_be_polled_owned_or_shared_and_still(
         shared: tuple[str, ...], owner: str | None, moving: bool, expected: bool) -> None:
-    ownership = SimpleNamespace(loaded={"mms": {"phi-2"}}, moves={"phi-2": 1} if moving else {},
-                                owner={"phi-2": owner} if owner else {})
-    shadow = make_shadow(ownership, shared)
+    shadow, loaded, ownership = make_shadow(True, shared)
+    assert ownership is not None
+    loaded.loaded["mms"] = {"phi-2"}
+    if owner:
+        ownership.table.owners["phi-2"] = owner
+    if moving:
+        ownership.table.moves["phi-2"] = Move(source="mms", target="mma", started=0.0)
     assert shadow.is_loaded("mms", "phi-2") is expected
     assert not shadow.is_loaded("mms", "mistral-7b")
-
-
-def test_reload_takes_new_compare_rules() -> None:
-    shadow = make_shadow()
-    a, b = {"response_text": "x"}, {"response_text": "y"}
-    assert compare(a, b, shadow.rules.for_action("generate")) == []
-    shadow.reload(ShadowSection(compare={"generate": {"response_text": "exact"}}))
-    assert len(compare(a, b, shadow.rules.for_action("generate"))) == 1

@@ -14,10 +14,12 @@ the wire and carries out what it decides:
   sweep moves models one at a time as the bucket boundary passes them. A hand-over
   waits for the old owner's requests in flight, sends it an unload, and only its reply
   frees the model; the new owner loads it on demand;
-* a poll of each backend's loaded models (its own report) learns owners, frees models
-  a restarted backend no longer holds, and catches duplicates (confirmed by a second
-  look), which are unloaded from the backend that is not the owner (``ownership.repair``,
-  on by default), with a metric and an audit line.
+* the shared poll of each backend's loaded models (its own report,
+  shim.addons.loaded) learns owners, frees models a restarted backend no longer holds,
+  and catches duplicates (confirmed by a second look), which are unloaded from the
+  backend that is not the owner (``ownership.repair``, on by default), with a metric
+  and an audit line. Unloads and polls are canonical operations sent through the
+  transport (shim.transport), never requests written in a wire dialect.
 
 A backend that is slow, stalled or unreachable keeps its models (design.md, "Model
 ownership is a safety property"); ``release`` (``mmshim ctl release``) is the
@@ -35,16 +37,20 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from shim.addons.base import Addon, CommandHandler, Flow
+from shim.addons.loaded import LoadedModels, Views
 from shim.config import OwnershipSection
 from shim.dialects import Form, Kind, Op
-from shim.errors import BackendError, OwnedElsewhere
+from shim.errors import BackendError, CommandError, OwnedElsewhere, Unsupported
+from shim.metrics import Metrics
 from shim.owners import Move, OwnerTable, Refuse, Send, StartMove, Wait
 from shim.routing import bucket_of
-from shim.runtime import Runtime
+from shim.runtime import Runtime, RuntimeStore
+from shim.settings import Release
+from shim.transport import TransportLike, internal_op
 
 if TYPE_CHECKING:
     from shim.audit import AuditLog
-    from shim.proxy import Proxy
 
 log = logging.getLogger("mmshim.ownership")
 
@@ -76,16 +82,23 @@ def models_named(op: Op) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-class Ownership:
-    """The addon: hooks on the data path, hand-over tasks, the poller, ``release``."""
+class Ownership(Addon):
+    """The addon: hooks on the data path, hand-over tasks, ``release``; a listener of the
+    shared loaded-models poller."""
 
-    def __init__(self, proxy: Proxy, cfg: OwnershipSection) -> None:
-        self._proxy = proxy
+    name = "ownership"
+
+    def __init__(self, transport: TransportLike, cfg: OwnershipSection, *,
+                 store: RuntimeStore, loaded: LoadedModels, metrics: Metrics) -> None:
+        self._transport = transport
+        self._store = store
+        self._metrics = metrics
         self._cfg = cfg
         self.table = OwnerTable(shared=frozenset(cfg.shared_models))
-        self.vram: dict[str, tuple[float | None, float | None]] = {}
-        #: What each backend said it had loaded at the last poll.
-        self.loaded: dict[str, set[str]] = {}
+        #: The shared poller (this addon listens to every poll).
+        self.models = loaded
+        loaded.listen(self)
+        self._since = self.table.snapshot()
         self.duplicates_seen = 0
         self.duplicates_repaired = 0
         self.refused = 0
@@ -95,7 +108,6 @@ class Ownership:
         self._unaudited: list[tuple[str, str, dict[str, list[Any]], dict[str, Any]]] = []
         self._done: dict[str, asyncio.Event] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._poller: asyncio.Task[None] | None = None
 
     @property
     def audit(self) -> AuditLog | None:
@@ -118,7 +130,7 @@ class Ownership:
         elif len(self._unaudited) < 1000:
             self._unaudited.append(entry)
 
-    # -- views kept for the other addons (shadow) and the status page -----------------
+    # -- the public view (shadow and the status page read these, never the table) ------
 
     @property
     def owner(self) -> dict[str, str]:
@@ -128,16 +140,26 @@ class Ownership:
     def moves(self) -> dict[str, Move]:
         return self.table.moves
 
-    # -- lifecycle (started and stopped with the shim) ------------------------------
+    @property
+    def loaded(self) -> dict[str, set[str]]:
+        """What each backend said it had loaded at its last answer (the shared poll)."""
+        return self.models.loaded
 
-    async def start(self) -> None:
-        """Learn who holds what before the first request (bounded by one poll)."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.poll_once(), min(2.0, self._poll_timeout() + 1.0))
-        self._poller = asyncio.create_task(self._poll_forever())
+    @property
+    def vram(self) -> dict[str, tuple[float | None, float | None]]:
+        return self.models.vram
+
+    def may_serve(self, backend: str, model: str) -> bool:
+        """Is ``model`` loaded on ``backend`` by the last poll, not moving, and owned by
+        it (or shared)? What a request that must not load anything may rely on."""
+        if model not in self.models.loaded.get(backend, ()) or model in self.table.moves:
+            return False
+        return model in self.table.shared or self.table.owners.get(model) == backend
+
+    # -- lifecycle (started and stopped with the shim; the poller starts first) ----------
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *([self._poller] if self._poller else [])]
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -166,12 +188,13 @@ class Ownership:
         return rt.table.backend_for(bucket_of("model:" + model))
 
     def _alive(self, backend: str) -> bool:
-        b = self._proxy.pool.backends.get(backend)
+        b = self._transport.backends.get(backend)
         return b is not None and b.healthy
 
     def _servable(self, op: Op, candidates: list[str]) -> list[str]:
         if op.kind is Kind.OTHER:  # passed through to the caller's dialect only
-            own = [c for c in candidates if self._proxy.pool.backends[c].dialect == op.dialect]
+            backends = self._transport.backends
+            own = [c for c in candidates if backends[c].dialect == op.dialect]
             return own or candidates
         return candidates
 
@@ -190,10 +213,12 @@ class Ownership:
                                       desired=lambda m: self.desired(m, rt),
                                       servable=servable, alive=self._alive, now=now)
 
-    def admit(self, op: Op) -> Awaitable[Any] | None:
+    def admit(self, flow: Flow) -> Awaitable[Any] | None:
         """Something to wait for before the request may be routed: a hand-over of the
         model it names (started here when the weights want the model elsewhere)."""
-        rt = self._proxy.runtime
+        op, rt = flow.op, flow.rt
+        if op is None:
+            return None
         decision = self._decide(op, list(rt.table.names), rt)
         if isinstance(decision, StartMove):
             self._start_move(decision)
@@ -203,8 +228,11 @@ class Ownership:
             return done.wait() if done is not None else None
         return None
 
-    def route(self, op: Op, candidates: list[str], rt: Runtime) -> list[str]:
-        decision = self._decide(op, candidates, rt)
+    def route(self, flow: Flow, candidates: list[str]) -> list[str]:
+        op = flow.op
+        if op is None:
+            return candidates
+        decision = self._decide(op, candidates, flow.rt)
         if decision is None:
             return candidates
         if isinstance(decision, Send):
@@ -218,24 +246,55 @@ class Ownership:
         move = self.table.moves.get(decision.model)
         return [move.source] if move is not None else candidates
 
-    def before_send(self, op: Op, backend: str) -> None:
-        for model in models_named(op):
-            self.table.sent(model, backend)
+    def before_send(self, flow: Flow, backend: str) -> None:
+        if flow.op is not None:
+            for model in models_named(flow.op):
+                self.table.sent(model, backend)
 
-    def after_send(self, op: Op, backend: str, reply: bytes | None) -> None:
+    def after_send(self, flow: Flow, backend: str) -> None:
+        op = flow.op
+        if op is None:
+            return
         models = models_named(op)
         if not models:
             return
-        ok = reply is not None and _succeeded(reply)
+        ok = _succeeded(flow)
         for model in models:
             self.table.answered(model, backend, unloaded=ok and op.kind is Kind.UNLOAD,
                                 loaded=ok and op.kind is not Kind.UNLOAD)
 
-    def after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
-                    rt: Runtime) -> None:
-        return None
+    async def runtime_changed(self, old: Runtime, new: Runtime) -> dict[str, Any] | None:
+        """A weight change is in force only once ``weights_changed`` is done."""
+        if old.weights == new.weights:
+            return None
+        return await self.weights_changed(new)
 
     # -- operator and weight changes -------------------------------------------------
+
+    def commands(self) -> dict[str, CommandHandler]:
+        """``release`` (``ctl release MODEL [--from B]``)."""
+        return {"release": self._release_command}
+
+    def _release_command(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Forget a model's owner, for an owner the operator knows is gone. The reply's
+        ``changes`` make the Controller audit and count it (shim.control)."""
+        try:
+            args = msgspec.convert(raw, Release)
+        except msgspec.ValidationError as exc:
+            raise CommandError("bad_request", f"release: {exc}") from None
+        backends = list(self._transport.backends)
+        if args.from_backend is not None and args.from_backend not in backends:
+            raise CommandError("invalid", f"unknown backend {args.from_backend!r} "
+                               f"(expected one of {', '.join(backends)})")
+        owner = self.release(args.model, args.from_backend)
+        if owner is None:
+            current = self.owner.get(args.model)
+            raise CommandError("refused", f"model {args.model!r} is "
+                               + (f"owned by {current}, not {args.from_backend}" if current
+                                  else "not owned by any backend") + "; nothing released")
+        return {"model": args.model, "released_from": owner,
+                "changes": {f"ownership.owners.{args.model}": [owner, None]},
+                "audit": {"model": args.model, "owner": owner}}
 
     def release(self, model: str, source: str | None = None) -> str | None:
         """``ctl release MODEL [--from B]``: forget the model's owner. Returns the owner
@@ -294,19 +353,19 @@ class Ownership:
             self.table.unload_sending(model)
             remaining = max(0.05, deadline - time.monotonic())
             try:
-                result = await self._proxy.call(
-                    move.source, {"command": "UNLOAD_MODEL", "model_name": model}, remaining)
+                result = await self._transport.call(
+                    move.source, internal_op(Kind.UNLOAD, model), remaining)
                 confirmed = result.ok or not await self._still_loaded(move.source, model)
                 if not confirmed:
                     log.error("hand-over of %s: %s did not unload it (%s); it stays there",
                               model, move.source, result.message)
-            except BackendError as exc:
+            except (BackendError, Unsupported) as exc:
                 log.error("hand-over of %s from %s: no unload reply (%s); it stays there",
                           model, move.source, exc)
             if confirmed:
                 elapsed = time.monotonic() - started
                 self.longest_handover_s = max(self.longest_handover_s, elapsed)
-                self._proxy.metrics.handovers.labels(move.source, move.target).inc()
+                self._metrics.handovers.labels(move.source, move.target).inc()
                 log.info("model %s handed over from %s to %s", model, move.source, move.target)
         finally:
             if self.table.moves.get(model) is move:
@@ -319,58 +378,28 @@ class Ownership:
             done.set()
 
     async def _still_loaded(self, backend: str, model: str) -> bool:
-        loaded = await self._loaded(backend)
+        loaded = await self.models.refresh(backend)
         return loaded is None or model in loaded
 
-    # -- polling ---------------------------------------------------------------------
-
-    def _poll_timeout(self) -> float:
-        return max(b.config.timeout_ms for b in self._proxy.pool.backends.values()) / 1000
-
-    async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._cfg.poll_interval_ms / 1000)
-            try:
-                await self.poll_once()
-            except Exception:  # the poller must outlive any one bad reply
-                log.exception("ownership poll failed")
-
-    async def _loaded(self, backend: str) -> set[str] | None:
-        """The models loaded on ``backend`` now (its own report), or None if unknown."""
-        try:
-            result = await self._proxy.call(
-                backend, {"command": "GET_LOADED_MODELS_STATUS"},
-                min(self._proxy.pool.backends[backend].config.timeout_ms / 1000, 5.0))
-        except BackendError:
-            return None
-        if not result.ok or result.loaded_models is None:
-            return None
-        self.loaded[backend] = set(result.loaded_models)
-        used = result.vram_used_mb
-        budget = result.vram_budget_mb
-        self.vram[backend] = (None if used is None else float(used),
-                              None if budget is None else float(budget))
-        metrics = self._proxy.metrics
-        if used is not None:
-            metrics.vram_used.labels(backend).set(used)
-        if budget is not None:
-            metrics.vram_budget.labels(backend).set(budget)
-        return set(result.loaded_models)
+    # -- polling (the shared poller calls these) ------------------------------------------
 
     async def poll_once(self) -> None:
+        """Poll every backend now (through the shared poller, which calls back here)."""
+        await self.models.poll_once()
+
+    def before_poll(self) -> None:
+        self._since = self.table.snapshot()
+
+    async def after_poll(self, views: Views) -> None:
         """Refresh the table from the backends' own reports, and catch duplicates.
 
-        Every backend is asked, answering or not: one that does not answer tells nothing
-        (its models stay its own), one that answers without a model it owned no longer
+        Every backend was asked, answering or not: one that did not answer tells nothing
+        (its models stay its own), one that answered without a model it owned no longer
         holds it (unloaded, idle-evicted, or restarted with an empty ledger).
         """
-        since = self.table.snapshot()
-        names = list(self._proxy.pool.backends)
-        views = await asyncio.gather(*(self._loaded(n) for n in names))
+        since = self._since
         suspects: dict[str, set[str]] = {}
-        for name, models in zip(names, views, strict=True):
-            if models is None:
-                continue
+        for name, models in views.items():
             for model in self.table.observe(name, models, since):
                 suspects.setdefault(model, set()).add(name)
         for model, others in suspects.items():
@@ -383,12 +412,12 @@ class Ownership:
 
     async def _confirm_duplicate(self, model: str, backends: set[str]) -> bool:
         """Ask again: a model that moved between two polls is not a duplicate."""
-        again = await asyncio.gather(*(self._loaded(b) for b in sorted(backends)))
+        again = await asyncio.gather(*(self.models.refresh(b) for b in sorted(backends)))
         return sum(1 for seen in again if seen is not None and model in seen) > 1
 
     async def _duplicate(self, model: str, owner: str, others: set[str]) -> None:
         self.duplicates_seen += 1
-        metrics = self._proxy.metrics
+        metrics = self._metrics
         metrics.duplicate_models.labels(model).inc()
         log.error("model %s is loaded on %s and its owner %s%s", model,
                   ", ".join(sorted(others)), owner,
@@ -399,10 +428,10 @@ class Ownership:
             if self.table.owners.get(model) != owner or self.table.busy(model, other):
                 continue
             try:
-                result = await self._proxy.call(
-                    other, {"command": "UNLOAD_MODEL", "model_name": model},
-                    self._proxy.pool.backends[other].config.timeout_ms / 1000)
-            except BackendError as exc:
+                result = await self._transport.call(
+                    other, internal_op(Kind.UNLOAD, model),
+                    self._transport.backends[other].config.timeout_ms / 1000)
+            except (BackendError, Unsupported) as exc:
                 log.error("could not unload duplicate %s from %s: %s", model, other, exc)
                 continue
             self.duplicates_repaired += 1
@@ -413,9 +442,16 @@ class Ownership:
                           "ok": result.ok})
 
 
-def _succeeded(reply: bytes) -> bool:
+def _succeeded(flow: Flow) -> bool:
+    """Did the attempt change the backend's state? A translated reply's decoded Result
+    says so; a passed-through one is read for its ``status`` (model-bound requests only:
+    never on the hot path of requests that name no model)."""
+    if flow.result is not None:
+        return flow.result.ok
+    if flow.answer is None:
+        return False
     try:
-        status = msgspec.json.decode(reply).get("status")
+        status = msgspec.json.decode(flow.answer).get("status")
     except (msgspec.DecodeError, AttributeError):
         return False
     return status in _OK

@@ -35,21 +35,19 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 import msgspec
 from prometheus_client import Counter
 
+from shim.addons.base import Addon, Flow
 from shim.capture import exchange_record
 from shim.config import RecordSection
 from shim.dialects import Op
 from shim.difflog import dumps
 from shim.errors import CommandError
+from shim.metrics import Metrics
 from shim.routing import in_sample
-from shim.runtime import Runtime
-
-if TYPE_CHECKING:
-    from shim.proxy import Proxy
 
 log = logging.getLogger("mmshim.record")
 
@@ -59,7 +57,6 @@ Item = tuple[float, Op, str, bytes, bytes, float | None]
 
 #: Bounds of what the admin socket may set.
 MAX_BYTES_RANGE = (4096, 1 << 40)
-_SAMPLES_KEPT = 100_000  # send times of requests in flight, at most (a leak guard)
 
 
 def in_record_sample(key: object, percent: float) -> bool:
@@ -119,12 +116,14 @@ class _Listener(logging.handlers.QueueListener):
         self._bounded.put(None, timeout=10)  # None: QueueListener's sentinel
 
 
-class Recorder:
-    """The record addon. Started and stopped with the shim (an extra)."""
+class Recorder(Addon):
+    """The record addon. Started and stopped with the shim."""
 
-    def __init__(self, proxy: Proxy, section: RecordSection) -> None:
+    name = "record"
+
+    def __init__(self, section: RecordSection, metrics: Metrics, sticky_key: str = "") -> None:
         self._section = section
-        self._sticky_key = proxy.cfg.routing.sticky_key
+        self._sticky_key = sticky_key
         self.path = Path(section.path)
         self.percent = section.percent
         self.max_bytes = section.max_bytes
@@ -132,7 +131,7 @@ class Recorder:
         self.active = False
         self.started_at: float | None = None
         counter = Counter("shim_record", "Exchanges for the capture file, by outcome",
-                          ["outcome"], registry=proxy.metrics.registry)
+                          ["outcome"], registry=metrics.registry)
         self._written = counter.labels("written")
         self._shed = counter.labels("shed")
         self.shed = 0
@@ -141,7 +140,6 @@ class Recorder:
         self._queue: queue.Queue[Any] | None = None
         self._listener: _Listener | None = None
         self._handler: CaptureFileHandler | None = None
-        self._sent: dict[int, float] = {}
         self._lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -172,7 +170,6 @@ class Recorder:
         listener = _Listener(q, handler, self.payloads, self._written)
         listener.start()
         self._queue, self._listener, self._handler = q, listener, handler
-        self._sent.clear()
         self.active = True
         self.started_at = time.time()
         log.warning("recording %g%% of exchanges to %s (payloads %s)", self.percent,
@@ -188,7 +185,6 @@ class Recorder:
         listener, handler = self._listener, self._handler
         self.active = False
         self._queue = self._listener = self._handler = None
-        self._sent.clear()
         return listener, handler
 
     def _close(self, listener: _Listener | None, handler: CaptureFileHandler | None) -> None:
@@ -203,37 +199,26 @@ class Recorder:
             handler.close()
             log.warning("recording stopped (%s)", self.path)
 
-    # -- the hooks (event loop) --------------------------------------------------------
+    # -- the hook (event loop) ----------------------------------------------------------
 
-    def route(self, op: Op, candidates: list[str], rt: Runtime) -> list[str]:
-        return candidates
-
-    def before_send(self, op: Op, backend: str) -> None:
-        if self.active:
-            if len(self._sent) >= _SAMPLES_KEPT:
-                self._sent.clear()
-            self._sent[id(op)] = time.perf_counter()
-
-    def after_send(self, op: Op, backend: str, reply: bytes | None) -> None:
-        if reply is None:  # this attempt failed: no exchange to record (yet)
-            self._sent.pop(id(op), None)
-
-    def after_reply(self, op: Op, backend: str, request: bytes, reply: bytes,
-                    rt: Runtime) -> None:
-        if not self.active:
+    def after_reply(self, flow: Flow) -> None:
+        """Queue a finished exchange (the backend's answer the client got) for the writer;
+        the backend round trip runs from the attempt's ``flow.sent_at``."""
+        if not self.active or not flow.exchanged or flow.op is None or flow.backend is None:
             return
-        started = self._sent.pop(id(op), None)
+        op = flow.op
         key = op.raw.get(self._sticky_key) if self._sticky_key else None
         if not in_record_sample(key, self.percent):
             return
+        q = self._queue
+        if q is None or not flow.reply:
+            return
         now = time.perf_counter()
+        started = flow.sent_at or None
         latency_ms = None if started is None else (now - started) * 1000
         sent = time.time() - (0.0 if started is None else now - started)
-        q = self._queue
-        if q is None:
-            return
         try:
-            q.put_nowait((sent, op, backend, request, reply, latency_ms))
+            q.put_nowait((sent, op, flow.backend, flow.request, flow.reply[0], latency_ms))
             self.queued += 1
         except queue.Full:
             self.shed += 1
@@ -241,7 +226,7 @@ class Recorder:
 
     # -- admin -------------------------------------------------------------------------
 
-    def admin_commands(self) -> dict[str, Any]:
+    def commands(self) -> dict[str, Any]:
         """``record_start``, ``record_stop``, ``record_status`` (``mmshim ctl record``)."""
         return {"record_start": self._cmd_start, "record_stop": self._cmd_stop,
                 "record_status": lambda args: self.describe()}
