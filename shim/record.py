@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
-import os
 import queue
 import threading
 import time
@@ -45,6 +44,7 @@ from shim.config import RecordSection
 from shim.dialects import Op
 from shim.difflog import dumps
 from shim.errors import CommandError
+from shim.logfile import PrivateRotatingFileHandler as CaptureFileHandler
 from shim.routing import in_sample
 from shim.runtime import Runtime
 
@@ -73,22 +73,6 @@ def _decode(raw: bytes) -> Any:
         return msgspec.json.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return {"undecodable": raw[:200].decode("utf-8", "replace"), "bytes": len(raw)}
-
-
-class CaptureFileHandler(logging.handlers.RotatingFileHandler):
-    """A RotatingFileHandler whose files are created 0600 (rotated files keep the mode)."""
-
-    errors_seen = 0
-
-    def _open(self) -> Any:
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.fchmod(fd, 0o600)  # an existing file is narrowed too
-        return os.fdopen(fd, "a", encoding="utf-8")
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        self.errors_seen += 1
-        if self.errors_seen == 1:
-            log.exception("record: cannot write the capture file %s", self.baseFilename)
 
 
 class _Listener(logging.handlers.QueueListener):
@@ -165,9 +149,7 @@ class Recorder:
             self.max_bytes = max_bytes
         if not self.path.parent.exists():
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handler = CaptureFileHandler(self.path, maxBytes=self.max_bytes,
-                                     backupCount=self._section.backups, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler = CaptureFileHandler(self.path, self.max_bytes, self._section.backups)
         q: queue.Queue[Any] = queue.Queue(self._section.queue_size)
         listener = _Listener(q, handler, self.payloads, self._written)
         listener.start()
