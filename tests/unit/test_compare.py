@@ -113,9 +113,11 @@ def test_paths_format_and_parse_round_trip() -> None:
         "models[model_id=phi-2].loaded"
     assert generalize(("models", 3, "type")) == "models[*].type"
     assert format_path(()) == "$"
-    for bad in ["a..b", "a.", ".a", "a[", "a]b"]:
+    for bad in ["a..b", "a.", ".a", "a[", "a]b", 'a["\\x"]']:  # the last: a bad escape
         with pytest.raises(PatternError):
             parse_pattern(bad)
+    assert parse_pattern('a["caf\\u00e9 \\"x\\""]') == ("a", 'café "x"')
+    assert parse_pattern(format_path(("a", "b.c é"))) == ("a", "b.c é")
 
 
 def test_noise_from_the_secondary_is_split_off() -> None:
