@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -43,6 +43,7 @@ def distinct_gen(client: int, seq: int) -> bytes:
     return json.dumps({**GEN, "client": client, "seq": seq}).encode()
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
+T = TypeVar("T")
 
 
 # -- process limits ------------------------------------------------------------------
@@ -168,13 +169,18 @@ def fake_counts(fake: Fake) -> dict[str, int]:
     return counts
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.05) -> None:
+def wait_until(predicate: Callable[[], T], timeout: float, what: str | Callable[[], str],
+               interval: float = 0.05) -> T:
+    """The test suite's one polling helper: call ``predicate`` every ``interval`` s until
+    it returns something truthy, and return that. After ``timeout`` s, AssertionError
+    naming ``what`` (a callable is called then, to show the last state)."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {said}")
         time.sleep(interval)
+    return value
 
 
 def sticky_key_for(backend: str, weights: dict[str, float], prefix: str = "conv") -> str:
