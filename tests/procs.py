@@ -9,6 +9,7 @@ Small on purpose; every suite may use it:
   ports and wait until its health socket answers; returns a ``Backend``.
 - ``req(endpoint, obj_or_bytes, timeout)``: one request on a fresh REQ socket, the reply
   decoded as JSON; raises ``TimeoutError``.
+- ``loaded_on(backend)``: the models a reference backend says it holds (asked directly).
 - ``ensure_models()``: build ``models/*.ngram`` if missing (what ``make models`` does).
 
 Paths are resolved from the repository root, so tests work from any working directory.
@@ -200,6 +201,18 @@ def req(endpoint: str, obj_or_bytes: Any, timeout: float = 5.0) -> dict[str, Any
         return reply
     finally:
         sock.close(linger=0)
+
+
+def loaded_on(backend: Backend, timeout: float = 3.0) -> set[str] | None:
+    """What a reference backend itself says it has loaded (asked directly, in its own
+    dialect, never through the shim); None when it does not answer in ``timeout`` s or
+    answers something else."""
+    request = ({"command": "GET_LOADED_MODELS_STATUS"} if backend.kind == "mma"
+               else {"action": "get_loaded_models_status"})
+    try:
+        return set(req(backend.endpoint, request, timeout=timeout)["loaded_models"])
+    except (TimeoutError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _wait_health(backend: Backend, deadline_s: float) -> bool:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import zmq
 
 from shim.routing import RoutingTable, bucket_of
-from tests.procs import req
+from tests.procs import Backend, loaded_on, req
 from tests.shimproc import Fake, ShimProc, start_shim
 
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "hello", "params": {"max_tokens": 4}}
@@ -181,6 +181,66 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str | Callable[
             raise AssertionError(f"timed out after {timeout} s waiting for {said}")
         time.sleep(interval)
     return value
+
+
+class OverlapWatcher(threading.Thread):
+    """The independent watcher of "one owner per model" (design.md): polls both reference
+    backends directly (tests/procs.loaded_on, never through the shim), in turn. A model
+    counts as on both when seen on ``mma``, then on ``mms``, then on ``mma`` again (three
+    answers in a row): a hand-over between two looks is not an overlap. ``overlaps``
+    records each sighting, ``longest_overlap_s`` how long back-to-back sightings of one
+    model lasted, ``looks`` the rounds done. Use as a context manager or start/stop."""
+
+    def __init__(self, mma: Backend, mms: Backend, *, ask_timeout: float = 0.3,
+                 pause_s: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.mma, self.mms = mma, mms
+        self.ask_timeout, self.pause_s = ask_timeout, pause_s
+        self.halt = threading.Event()
+        self.overlaps: list[tuple[str, float]] = []
+        self.longest_overlap_s = 0.0
+        self.looks = 0
+
+    @property
+    def duplicates(self) -> list[str]:
+        """The models of every overlap sighting, in order."""
+        return [model for model, _ in self.overlaps]
+
+    def run(self) -> None:
+        since: dict[str, float] = {}
+        while not self.halt.is_set():
+            first = loaded_on(self.mma, self.ask_timeout)
+            middle = loaded_on(self.mms, self.ask_timeout)
+            last = loaded_on(self.mma, self.ask_timeout)
+            now = time.monotonic()
+            both = (first & middle & last) if (
+                first is not None and middle is not None and last is not None) else set()
+            for model in sorted(both):
+                self.overlaps.append((model, now))
+                start = since.setdefault(model, now)
+                self.longest_overlap_s = max(self.longest_overlap_s, now - start)
+            for model in list(since):
+                if model not in both:
+                    del since[model]
+            self.looks += 1
+            self.halt.wait(self.pause_s)
+
+    def wait_looks(self, n: int, timeout: float = 30.0) -> None:
+        """Until ``n`` more rounds of looks are done (a settled system seen, not a time)."""
+        target = self.looks + n
+        wait_until(lambda: self.looks >= target or bool(self.overlaps), timeout,
+                   f"{n} more looks by the overlap watcher")
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(15)
+
+    def __enter__(self) -> OverlapWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def sticky_key_for(backend: str, weights: dict[str, float], prefix: str = "conv") -> str:
