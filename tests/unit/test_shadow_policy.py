@@ -46,10 +46,12 @@ def test_without_ownership_its_own_poll_decides() -> None:
 def test_an_unload_seen_on_the_data_path_wins_over_a_stale_poll() -> None:
     shadow = make_shadow()
     shadow.loaded["mms"] = {"phi-2"}
+    shadow.loaded["mma"] = {"phi-2"}
+    shadow.after_send(unload("phi-2"), "mma", b'{"status": "SUCCESS"}')
+    assert not shadow.is_loaded("mma", "phi-2")
+    assert shadow.is_loaded("mms", "phi-2")  # another backend's unload: no effect on mms
     shadow.after_send(unload("phi-2"), "mms", b'{"status": "success"}')
     assert not shadow.is_loaded("mms", "phi-2")
-    shadow.after_send(unload("phi-2"), "mma", None)  # another backend: no effect on mms
-    assert not shadow.is_loaded("mma", "phi-2")
 
 
 @pytest.mark.parametrize(("shared", "owner", "moving", "expected"), [
