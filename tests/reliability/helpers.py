@@ -16,6 +16,7 @@ number of requests and in time, so a test can never hang or run away.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import resource
@@ -241,6 +242,18 @@ class OverlapWatcher(threading.Thread):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def wait_until_async(predicate: Callable[[], T], timeout: float,
+                           what: str | Callable[[], str], interval: float = 0.01) -> T:
+    """``wait_until`` for a test that runs on the event loop: the loop runs meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {said}")
+        await asyncio.sleep(interval)
+    return value
 
 
 def sticky_key_for(backend: str, weights: dict[str, float], prefix: str = "conv") -> str:
