@@ -17,6 +17,7 @@ number of requests and in time, so a test can never hang or run away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import resource
@@ -124,17 +125,18 @@ def settled_counts(shim: ShimProc, *, requests: int | None = None,
     Returns the last scrape even when it never settled, so the caller's assertion shows
     the numbers.
     """
-    deadline = time.monotonic() + timeout
-    last: dict[str, int] | None = None
-    while True:
-        counts = frontend_counts(shim)
+    scrapes: list[dict[str, int]] = []
+
+    def settled() -> bool:
+        scrapes.append(frontend_counts(shim))
+        counts = scrapes[-1]
         balanced = counts["requests"] == counts["replies"] + counts["unroutable"]
-        if balanced and (requests is None or counts["requests"] == requests) and counts == last:
-            return counts
-        if time.monotonic() > deadline:
-            return counts
-        last = counts
-        time.sleep(0.1)
+        return (balanced and (requests is None or counts["requests"] == requests)
+                and len(scrapes) > 1 and counts == scrapes[-2])
+
+    with contextlib.suppress(AssertionError):
+        wait_until(settled, timeout, "settled frontend counters", interval=0.1)
+    return scrapes[-1]
 
 
 def start_ready(cfg: dict[str, Any], tmp_path: Path) -> ShimProc:
