@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run())
         prof.disable()
         load.proc.wait(10)
-        load._log.flush()
-        lines = load.log_path.read_text().strip().splitlines()
+        lines = load.log().strip().splitlines()
         summary = msgspec.json.decode(lines[-1]) if lines else {}
         n = summary.get("completed", 0) + args.sockets * 200  # + warm-up
         print(f"load: {summary}", file=sys.stderr)
