@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import msgspec
 from prometheus_client import Counter
@@ -60,6 +60,17 @@ Item = tuple[float, Op, str, bytes, bytes, float | None]
 #: Bounds of what the admin socket may set.
 MAX_BYTES_RANGE = (4096, 1 << 40)
 _SAMPLES_KEPT = 100_000  # send times of requests in flight, at most (a leak guard)
+
+
+class RecordStartArgs(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``record_start``'s arguments, checked by msgspec (a bool is no number here, an
+    unknown field is refused): the path and payloads come from the config file only."""
+
+    #: Percent of conversations recorded, in (0, 100]; None: keep the current one.
+    percent: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
+    #: Size at which the capture file rotates, in bytes; None: keep the current one.
+    max_bytes: Annotated[int, msgspec.Meta(ge=MAX_BYTES_RANGE[0],
+                                           le=MAX_BYTES_RANGE[1])] | None = None
 
 
 def in_record_sample(key: object, percent: float) -> bool:
@@ -229,23 +240,15 @@ class Recorder:
                 "record_status": lambda args: self.describe()}
 
     def _cmd_start(self, args: dict[str, Any]) -> dict[str, Any]:
-        percent = args.get("percent")
-        max_bytes = args.get("max_bytes")
-        if percent is not None and (isinstance(percent, bool) or
-                                    not isinstance(percent, int | float) or
-                                    not 0 < percent <= 100):
-            _refused("percent must be a number in (0, 100]")
-        if max_bytes is not None and (isinstance(max_bytes, bool) or
-                                      not isinstance(max_bytes, int) or
-                                      not MAX_BYTES_RANGE[0] <= max_bytes <= MAX_BYTES_RANGE[1]):
-            _refused(f"max_bytes must be an integer in {MAX_BYTES_RANGE[0]}.."
-                            f"{MAX_BYTES_RANGE[1]}")
-        unknown = sorted(set(args) - {"percent", "max_bytes"})
-        if unknown:
-            _refused(f"unknown field(s) {', '.join(unknown)} (the path and payloads "
-                            "come from the config file)")
         try:
-            self.start_recording(None if percent is None else float(percent), max_bytes)
+            start = msgspec.convert(args, RecordStartArgs)
+        except msgspec.ValidationError as exc:
+            hint = (" (the path and payloads come from the config file)"
+                    if "unknown field" in str(exc) else "")
+            _refused(f"{exc}{hint}")
+        percent, max_bytes = start.percent, start.max_bytes
+        try:
+            self.start_recording(percent, max_bytes)
         except OSError as exc:
             _refused(f"cannot open {self.path}: {exc.strerror}")
         return self.describe()
@@ -273,4 +276,4 @@ def _refused(message: str) -> NoReturn:
     raise CommandError("invalid", message)
 
 
-__all__ = ["CaptureFileHandler", "Recorder", "in_record_sample"]
+__all__ = ["CaptureFileHandler", "RecordStartArgs", "Recorder", "in_record_sample"]
