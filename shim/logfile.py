@@ -101,16 +101,22 @@ class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
 
 
 class LineWriter(logging.handlers.QueueListener, Generic[T]):
-    """Items in, lines out, on a thread of its own (see the module docstring)."""
+    """Items in, lines out, on a thread of its own (see the module docstring).
+
+    ``queue_size``: items the queue holds (at least 1). ``tick`` and ``tick_s`` (seconds)
+    come together or not at all (ValueError).
+    """
 
     def __init__(self, handler: logging.Handler, render: Callable[[T], str | None], *,
                  queue_size: int, tick_s: float | None = None,
                  tick: Callable[[], str | None] | None = None) -> None:
+        if (tick is None) != (tick_s is None):
+            raise ValueError("tick and tick_s go together")
         self._bounded = _Bounded(max(1, queue_size))
         super().__init__(self._bounded, handler)
         self._handler = handler
         self._render = render
-        self._tick_s = tick_s if tick is not None else None
+        self._tick_s = tick_s
         self._tick = tick
         self._next_tick = 0.0
         self._lock = threading.Lock()
@@ -179,9 +185,9 @@ class LineWriter(logging.handlers.QueueListener, Generic[T]):
             if line is not None:
                 self.written += 1
                 self._emit(line)
-        if self._tick is not None and time.monotonic() >= self._next_tick:
+        if self._tick is not None and self._tick_s is not None and (
+                time.monotonic() >= self._next_tick):
             self._emit(self._safely(self._tick))
-            assert self._tick_s is not None
             self._next_tick = time.monotonic() + self._tick_s
 
     def _safely(self, fn: Callable[..., str | None], *args: Any) -> str | None:
