@@ -8,7 +8,6 @@ long memory run (1,000,000 requests), ``--json FILE`` dumps the raw results,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from bench import report
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_soak(group, work, requests=args.soak_requests,
                               every=args.soak_every, log=eprint)
             out["soak"] = result
-            print(json.dumps(result, indent=1))
+            print(msgspec.json.format(msgspec.json.encode(result), indent=1).decode())
             print(f"[{'PASS' if result['growth_ok'] else 'FAIL'}] RSS growth "
                   f"{result['growth_mb']:+.1f} MB (limit 10): baseline "
                   f"{result['rss_baseline_mb']} MB -> after {result['rss_after_mb']} MB")
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.close()
         group.close()
         if args.json:
-            args.json.write_text(json.dumps(out, indent=1, default=str))
+            args.json.write_bytes(msgspec.json.format(
+                msgspec.json.encode(out, enc_hook=str), indent=1))
             eprint(f"raw results in {args.json}")
         if ok and not args.keep and not args.profile:
             shutil.rmtree(work, ignore_errors=True)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import json
 import pstats
 import sys
 import tempfile
 from pathlib import Path
+
+import msgspec
 
 from bench.procs import ProcGroup, free_port
 from bench.shimcfg import shim_config
@@ -71,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(run())
         prof.disable()
         load.proc.wait(10)
-        load._log.flush()
-        lines = load.log_path.read_text().strip().splitlines()
-        summary = json.loads(lines[-1]) if lines else {}
+        lines = load.log().strip().splitlines()
+        summary = msgspec.json.decode(lines[-1]) if lines else {}
         n = summary.get("completed", 0) + args.sockets * 200  # + warm-up
         print(f"load: {summary}", file=sys.stderr)
         stats = pstats.Stats(prof)

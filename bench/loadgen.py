@@ -12,12 +12,12 @@ replies come back in, even when the shim translated the payload.
 
 from __future__ import annotations
 
-import json
 import time
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import zmq
 
 from bench.procs import cpu_seconds, rss_kb
@@ -35,11 +35,11 @@ def generate_request(size: int = 200, *, dialect: str = "mma", max_tokens: int =
     else:
         msg = {"action": "generate_text", "model_id": "phi-2", "prompt": "",
                "max_tokens": max_tokens, "temperature": 0.7}
-    base = len(json.dumps(msg, separators=(",", ":")))
+    base = len(msgspec.json.encode(msg))
     words = "the quick brown fox jumps over the lazy dog "
     pad = max(1, size - base)
     msg["prompt"] = (words * (pad // len(words) + 1))[:pad].rstrip() or "hi"
-    out = json.dumps(msg, separators=(",", ":")).encode()
+    out = msgspec.json.encode(msg)
     return out + b" " * (size - len(out)) if len(out) < size else out
 
 
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     res = pipelined(ctx, args.endpoint, generate_request(200, dialect=args.dialect),
                     sockets=args.sockets, window=args.window, duration_s=args.seconds,
                     max_requests=args.max_requests)
-    print(json.dumps(res.summary()), flush=True)
+    print(msgspec.json.encode(res.summary()).decode(), flush=True)
     ctx.destroy(linger=0)
 
 

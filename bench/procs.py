@@ -8,7 +8,6 @@ back to SIGKILL. ``cpu_seconds`` and ``rss_kb`` read a process's own accounting 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import select
 import signal
@@ -17,51 +16,39 @@ import sys
 import time
 from pathlib import Path
 
+import tests.procs
 from tests.procs import free_port as free_port  # one port picker for tests and bench
 
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PR_SET_PDEATHSIG = 1
 
 
 
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class Proc:
-    """A child process whose stderr (and stdout unless piped) goes to a log file."""
+class Proc(tests.procs.Proc):
+    """A named child process (tests/procs.Proc, the one process helper) whose output goes
+    to ``<log_dir>/<name>.log``, killed with the benchmark (``PR_SET_PDEATHSIG``).
+    ``ready_line``: stdout is a pipe that ``wait_ready`` reads."""
 
     def __init__(self, name: str, argv: list[str], log_dir: Path, *,
                  ready_line: bool = False, env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.argv = argv
-        self.log_path = log_dir / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            argv, cwd=ROOT, env={**os.environ, **(env or {})},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if ready_line else self._log, stderr=self._log,
-            preexec_fn=_die_with_parent)
+        super().__init__(argv, env=env, cwd=ROOT, log_path=log_dir / f"{name}.log",
+                         pipe_stdout=ready_line, die_with_parent=True)
 
     @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+    def proc(self) -> subprocess.Popen[bytes]:
+        """The ``subprocess.Popen`` (bench code's name for ``popen``)."""
+        return self.popen
 
     def wait_ready(self, timeout_s: float = 15.0) -> None:
         """Wait for the child's ``READY`` line on stdout (bench.echo prints one)."""
-        assert self.proc.stdout is not None
+        assert self.popen.stdout is not None
         deadline = time.monotonic() + timeout_s
         buf = b""
         while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.1)
+            r, _, _ = select.select([self.popen.stdout], [], [], 0.1)
             if r:
-                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                chunk = os.read(self.popen.stdout.fileno(), 4096)
                 if not chunk:
                     break
                 buf += chunk
@@ -70,38 +57,6 @@ class Proc:
             elif not self.alive():
                 break
         raise RuntimeError(f"{self.name} did not become ready:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            self._log.flush()
-            text = self.log_path.read_text(errors="replace").splitlines()
-            return "\n".join(text[-lines:])
-        return ""
-
-    def stop(self, timeout_s: float = 3.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout_s``."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._close()
-
-    def kill(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(2.0)
-        self._close()
-
-    def _close(self) -> None:
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-
 
 class ProcGroup:
     """Every child of one benchmark run; ``close`` stops them all (last started first)."""

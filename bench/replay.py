@@ -19,7 +19,6 @@ request count and a deadline.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from bench.procs import ROOT, ProcGroup, free_port
@@ -94,7 +94,7 @@ def record(group: ProcGroup, work: Path, name: str, mma: str, mms: str, count: i
     shim = start_shim(group, work, name, cfg)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     wait_serving(ctx, shim, b'{"action": "status"}')
-    requests = [json.dumps({**r, "request_id": f"bench-{i}"}).encode()
+    requests = [msgspec.json.encode({**r, "request_id": f"bench-{i}"})
                 for i, r in enumerate(legacy_requests(count))]
     seconds = send_all(shim.endpoint, requests, 300)
     shim.proc.stop(10)  # SIGTERM: the recorder writes what is queued and closes the file
@@ -115,7 +115,7 @@ def replay(group: ProcGroup, work: Path, capture: str, mode: list[str],
     wall = time.perf_counter() - started
     if run.returncode not in (0, 1):
         raise RuntimeError(f"replay failed ({run.returncode}): {run.stderr}")
-    report = json.loads(run.stdout)
+    report = msgspec.json.decode(run.stdout)
     v = report["verdict"]
     return {"mode": " ".join(mode), "exit": run.returncode, "requests": v["requests"],
             "attempted": v["attempted"], "skipped": v["skipped"], "failed": v["failed"],
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                           replay(group, work, capture, ["--speed", "10x"], "mms-10x")]
     finally:
         group.close()
-    text = json.dumps(out, indent=2)
+    text = msgspec.json.format(msgspec.json.encode(out), indent=2).decode()
     print(text)
     if args.json:
         Path(args.json).write_text(text)

@@ -9,11 +9,11 @@ otherwise join into fewer backend executions than requests.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from bench.procs import Proc, ProcGroup, free_port
@@ -75,7 +75,7 @@ class ShimUnderTest:
 
 def start_shim(group: ProcGroup, work: Path, name: str, cfg: dict[str, Any]) -> ShimUnderTest:
     path = work / f"{name}.json"
-    path.write_text(json.dumps(cfg, indent=1))
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(cfg), indent=1))
     proc = group.python(name, "shim.cli", "run", "--config", str(path),
                         "--log-level", "warning", "--reset-state")
     return ShimUnderTest(proc, cfg)

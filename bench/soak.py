@@ -16,12 +16,12 @@ Targets: growth < 10 MB, peak < 2x baseline.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 
 from bench.procs import ProcGroup, free_port, rss_kb
@@ -37,20 +37,22 @@ def _kinds() -> Iterator[bytes]:
     n = itertools.count()
     while True:
         i = next(n)
-        yield json.dumps({"action": "generate", "model_pref": "fast", "prompt": f"p{i}",
-                          "conversation_id": f"conv-{i}", "params": {"max_tokens": 4}}).encode()
-        yield json.dumps({"action": "generate_text", "model_id": "phi-2",
-                          "prompt": "hello"}).encode()
-        yield json.dumps({"command": "LOAD_MODEL", "model_name": f"soak-model-{i}-" + "m" * 64,
-                          "device": "MainPC"}).encode()
-        yield json.dumps({"command": "UNLOAD_MODEL",
-                          "model_name": f"soak-model-{i}-" + "m" * 64}).encode()
+        yield msgspec.json.encode({"action": "generate", "model_pref": "fast",
+                                   "prompt": f"p{i}", "conversation_id": f"conv-{i}",
+                                   "params": {"max_tokens": 4}})
+        yield msgspec.json.encode({"action": "generate_text", "model_id": "phi-2",
+                                   "prompt": "hello"})
+        yield msgspec.json.encode({"command": "LOAD_MODEL",
+                                   "model_name": f"soak-model-{i}-" + "m" * 64,
+                                   "device": "MainPC"})
+        yield msgspec.json.encode({"command": "UNLOAD_MODEL",
+                                   "model_name": f"soak-model-{i}-" + "m" * 64})
         yield b'{"command": "GET_LOADED_MODELS_STATUS"}'
         yield b'{"command": "HEALTH_CHECK"}'
-        yield json.dumps({"model_id": "whisper-small", "request_id": f"r{i}",
-                          "context": {"quantization_level": "int8"}}).encode()
-        yield json.dumps({"action": "clear_conversation",
-                          "conversation_id": f"gone-{i}"}).encode()
+        yield msgspec.json.encode({"model_id": "whisper-small", "request_id": f"r{i}",
+                                   "context": {"quantization_level": "int8"}})
+        yield msgspec.json.encode({"action": "clear_conversation",
+                                   "conversation_id": f"gone-{i}"})
         yield b"\x00\x01 opaque bytes"
         yield b"not json at all"
         yield b"[1, 2, 3]"

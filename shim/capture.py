@@ -39,11 +39,12 @@ the recorded size and replies compare by shape.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from shim.dialects.ops import Op
 from shim.errors import CaptureError
@@ -62,17 +63,18 @@ _WORDS = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing",
 
 
 
+def _canonical(value: Any) -> bytes:
+    """Compact JSON with sorted keys (msgspec; what it cannot encode, as ``str``)."""
+    return msgspec.json.encode(value, enc_hook=str, order="sorted")
+
+
 def _digest(value: Any) -> str:
-    data = value.encode() if isinstance(value, str) else json.dumps(
-        value, separators=(",", ":"), sort_keys=True, default=str).encode()
+    data = value.encode() if isinstance(value, str) else _canonical(value)
     return "sha256:" + hashlib.sha256(data).hexdigest()[:16]
 
 
 def _marker(value: Any) -> dict[str, Any]:
-    if isinstance(value, str | list):
-        length = len(value)
-    else:
-        length = len(json.dumps(value, separators=(",", ":"), default=str))
+    length = len(value) if isinstance(value, str | list) else len(_canonical(value))
     return {_MARKER: _digest(value), "type": type(value).__name__, "length": length}
 
 
@@ -200,8 +202,8 @@ def _read_one(path: Path) -> Iterator[Exchange]:
             if not text or text.startswith("#"):
                 continue
             try:
-                rec = json.loads(text)
-            except ValueError:
+                rec = msgspec.json.decode(text)
+            except msgspec.DecodeError:
                 continue  # a torn last line of a file being written
             if not isinstance(rec, dict) or rec.get("kind") != "exchange":
                 continue
@@ -235,8 +237,8 @@ def read_corpus(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not text or text.startswith("#"):
                 continue
             try:
-                msg = json.loads(text)
-            except ValueError as exc:
+                msg = msgspec.json.decode(text)
+            except msgspec.DecodeError as exc:
                 raise CaptureError(f"{path}:{number}: not JSON: {exc}") from None
             if not isinstance(msg, dict):
                 raise CaptureError(f"{path}:{number}: not a JSON object")

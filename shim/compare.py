@@ -19,11 +19,12 @@ configured ``"*"`` < configured per action.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
+
+import msgspec
 
 from shim.errors import PatternError
 
@@ -161,7 +162,7 @@ def _format(path: Path, positions: bool) -> str:
         elif _WORD.match(seg) or seg in (_ANY, _DEEP):
             out.append(f".{seg}" if out else seg)
         else:
-            out.append(f"[{json.dumps(seg)}]")
+            out.append(f"[{msgspec.json.encode(seg).decode()}]")
     return "".join(out) or "$"
 
 
@@ -199,7 +200,11 @@ def parse_pattern(text: str) -> Path:
         elif m.group("star"):
             segments.append(_ANY)
         elif m.group("quoted") is not None:
-            segments.append(json.loads(m.group("quoted")))
+            try:
+                segments.append(msgspec.json.decode(m.group("quoted"), type=str))
+            except msgspec.DecodeError:
+                raise PatternError(f"bad field path {text!r}: bad quoted key "
+                                   f"{m.group('quoted')}") from None
         else:
             segments.append((m.group("idk"), m.group("idv")))
         expect_word = False

@@ -6,12 +6,12 @@ the backend is read off the shim's own metrics before and after each request.
 
 from __future__ import annotations
 
-import json
 import re
 import urllib.request
 import uuid
 from collections import Counter
 
+import msgspec
 import zmq
 
 from shim.config import ShimConfig
@@ -59,6 +59,17 @@ def _scrape(url: str) -> Counter[tuple[str, str, str]]:
     return counts
 
 
+def _decode_reply(raw: bytes) -> dict[str, object]:
+    """The reply as a JSON object; anything else becomes an error row, not a crash."""
+    try:
+        reply = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        reply = None
+    if isinstance(reply, dict):
+        return reply
+    return {"status": "error", "message": f"not a JSON object: {raw[:80]!r}"}
+
+
 def run_demo(cfg: ShimConfig, endpoint: str, count: int) -> int:
     endpoint = endpoint or "tcp://127.0.0.1:" + cfg.shim.listen.rsplit(":", 1)[1]
     metrics_url = f"http://{cfg.shim.metrics}/metrics"
@@ -71,13 +82,13 @@ def run_demo(cfg: ShimConfig, endpoint: str, count: int) -> int:
         sock = ctx.socket(zmq.REQ)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
-        sock.send(json.dumps({**req, "request_id": req.get("request_id", str(uuid.uuid4()))})
-                  .encode())
+        sock.send(msgspec.json.encode(
+            {**req, "request_id": req.get("request_id", str(uuid.uuid4()))}))
         if not sock.poll(6000):
             print(f"{i:>3}  no reply within 6 s (is `make run` running?)")
             sock.close()
             return 1
-        reply = json.loads(sock.recv())
+        reply = _decode_reply(sock.recv())
         sock.close()
         after = _scrape(metrics_url)
         who = ",".join(sorted({k[0] for k in after if after[k] != before.get(k)})) or "?"

@@ -12,9 +12,11 @@ Three kinds of record, one JSON object per line:
   is traffic, and on close. Mismatch rates come from these, so the log stays small when
   everything matches.
 
-Records are written by a thread of their own: the event loop only puts them on a bounded
+Records are written by a thread of their own (shim.logfile: the standard library's
+``QueueListener`` and ``RotatingFileHandler``): the event loop only puts them on a bounded
 queue (full: the record is dropped and counted). When a write would take the file past
-``max_bytes`` the file is rotated: ``log`` -> ``log.1`` -> ... -> ``log.<backups>``.
+``max_bytes`` the file is rotated: ``log`` -> ``log.1`` -> ... -> ``log.<backups>``
+(without backups it is emptied). Files are 0600. JSON is msgspec's.
 
 ``Tally`` folds records (from a log, or straight from a parity run) into the report that
 ``mmshim diffs`` and ``mmshim parity`` print.
@@ -22,22 +24,18 @@ queue (full: the record is dropped and counted). When a write would take the fil
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import os
-import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+import msgspec
+
+from shim.logfile import LineWriter, PrivateRotatingFileHandler
 from shim.privacy import redact_record
-
-log = logging.getLogger("mmshim.difflog")
 
 #: The outcomes of one shadow comparison (the ``outcome`` label of shim_shadow_total).
 OUTCOMES = ("match", "mismatch", "shadow_error", "shadow_timeout", "shed")
@@ -45,78 +43,29 @@ OUTCOMES = ("match", "mismatch", "shadow_error", "shadow_timeout", "shed")
 FAILURES = ("mismatch", "shadow_error", "shadow_timeout", "primary_error")
 
 
-def _json_default(value: object) -> object:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return repr(value)
-
-
 def dumps(record: Any) -> str:
-    """One log line (no newline), never failing on odd values."""
-    return json.dumps(record, default=_json_default, separators=(",", ":"),
-                      ensure_ascii=False)
+    """One log line (no newline): compact JSON, msgspec's encoding (sets and tuples as
+    arrays, bytes as base64, NaN as null), anything else it cannot encode as its
+    ``repr``; never raises."""
+    try:
+        return msgspec.json.encode(record, enc_hook=repr).decode()
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        return msgspec.json.encode({"unencodable": type(exc).__name__,
+                                    "repr": repr(record)[:200]}).decode()
 
 
 # -- writing ---------------------------------------------------------------------------
 
-class RotatingWriter:
-    """Appends lines to ``path``; rotates before a write would pass ``max_bytes``.
-
-    Used by one thread at a time (DiffLog's writer thread, or a test).
-    """
-
-    def __init__(self, path: str | Path, max_bytes: int, backups: int) -> None:
-        self.path = Path(path)
-        self.max_bytes = max(1, max_bytes)
-        self.backups = max(0, backups)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._file = _open_private(self.path, append=True)
-        self._size = self._file.tell()
-
-    def write(self, line: str) -> None:
-        data = line.encode() + b"\n"
-        if self._size and self._size + len(data) > self.max_bytes:
-            self.rotate()
-        self._file.write(data)
-        self._size += len(data)
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def rotate(self) -> None:
-        self._file.close()
-        if self.backups:
-            for i in range(self.backups - 1, 0, -1):
-                src = _backup(self.path, i)
-                if src.exists():
-                    os.replace(src, _backup(self.path, i + 1))
-            os.replace(self.path, _backup(self.path, 1))
-        self._file = _open_private(self.path, append=False)
-        self._size = 0
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _open_private(path: Path, *, append: bool) -> BinaryIO:
-    """Open for writing, readable by the owner only (0600, whatever the umask)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
-    os.fchmod(fd, 0o600)
-    f = os.fdopen(fd, "ab" if append else "wb")
-    f.seek(0, os.SEEK_END)
-    return f
-
-
-def _backup(path: Path, i: int) -> Path:
-    return path.with_name(f"{path.name}.{i}")
-
-
 class DiffLog:
     """The diff log of a running shim: records go to a writer thread, outcomes are
-    tallied here and written as a tally record every ``tally_s`` seconds."""
+    tallied here and written as a tally record every ``tally_s`` seconds.
+
+    The file is a ``shim.logfile.PrivateRotatingFileHandler`` (0600; rotated at
+    ``max_bytes`` = ``shadow.diff_log_max_bytes``, ``backups`` =
+    ``shadow.diff_log_backups`` older files kept) fed by a ``shim.logfile.LineWriter``
+    (the standard library's QueueListener on a bounded queue of ``queue_size`` records).
+    Raises ``OSError`` when the file cannot be opened.
+    """
 
     def __init__(self, path: str | Path, max_bytes: int, backups: int, *,
                  tally_s: float = 2.0, queue_size: int = 10_000,
@@ -126,19 +75,32 @@ class DiffLog:
         self.path = Path(path)
         self.payloads = payloads
         self.max_bytes, self.backups = max_bytes, backups
-        self._writer = RotatingWriter(path, max_bytes, backups)
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
         #: A record longer than this has its request and replies cut down.
         self.max_line = max(1024, max_bytes // 8)
-        self._tally_s = tally_s
         self._lock = threading.Lock()
         self._counts: dict[str, Counter[str]] = {}
         self._noise: dict[str, Counter[str]] = {}
         self._examples: set[tuple[str, str]] = set()
-        self.dropped = 0
-        self.written = 0
-        self._thread = threading.Thread(target=self._run, name="mmshim-difflog", daemon=True)
-        self._thread.start()
+        self._file = PrivateRotatingFileHandler(path, max_bytes, backups)
+        self._writer: LineWriter[dict[str, Any]] = LineWriter(
+            self._file, self._line, queue_size=queue_size, tick_s=tally_s,
+            tick=self._take_tally)
+        self._writer.start()
+
+    @property
+    def dropped(self) -> int:
+        """Records refused because the writer's queue was full."""
+        return self._writer.dropped
+
+    @property
+    def written(self) -> int:
+        """Records handed to the file (tallies not counted)."""
+        return self._writer.written
+
+    @property
+    def write_errors(self) -> int:
+        """Lines the file refused (a full disk): counted, the first one logged."""
+        return self._file.errors_seen
 
     # called on the event loop ----------------------------------------------------------
 
@@ -160,18 +122,12 @@ class DiffLog:
 
     def write(self, record: dict[str, Any]) -> None:
         """Queue a record; never blocks (a full queue drops it and counts the drop)."""
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
+        self._writer.put(record)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Write the last tally and everything queued, then stop the thread."""
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            self.dropped += 1
-        self._thread.join(timeout)
+        """Write everything queued and the last tally, then stop the thread and close
+        the file (blocks up to about ``2 * timeout`` s: call it off the event loop)."""
+        self._writer.close(timeout)
 
     # the writer thread -----------------------------------------------------------------
 
@@ -211,33 +167,12 @@ class DiffLog:
                       "counts": {a: dict(c) for a, c in counts.items()},
                       "noise": {a: dict(c) for a, c in noise.items()}})
 
-    def _run(self) -> None:
-        next_tally = time.monotonic() + self._tally_s
-        stopping = False
-        while not stopping:
-            record: dict[str, Any] | None = {}
-            with contextlib.suppress(queue.Empty):
-                record = self._queue.get(timeout=max(0.0, next_tally - time.monotonic()))
-            try:
-                if record is None:
-                    stopping = True
-                elif record:
-                    self._writer.write(self._line(record))
-                    self.written += 1
-                if stopping or time.monotonic() >= next_tally:
-                    tally = self._take_tally()
-                    if tally is not None:
-                        self._writer.write(tally)
-                    next_tally = time.monotonic() + self._tally_s
-                if stopping or self._queue.empty():
-                    self._writer.flush()
-            except OSError as exc:  # a full disk must not take the shim down
-                log.error("cannot write the diff log %s: %s", self.path, exc)
-        with contextlib.suppress(OSError):
-            self._writer.close()
-
 
 # -- reading ---------------------------------------------------------------------------
+
+def _backup(path: Path, i: int) -> Path:
+    return path.with_name(f"{path.name}.{i}")
+
 
 def log_files(path: str | Path) -> list[Path]:
     """The log and its backups that exist, oldest first."""
@@ -256,8 +191,8 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
         with file.open("rb") as f:
             for line in f:
                 try:
-                    record = json.loads(line)
-                except ValueError:
+                    record = msgspec.json.decode(line)
+                except msgspec.DecodeError:
                     continue
                 if isinstance(record, dict):
                     yield record
@@ -430,7 +365,7 @@ def _top(paths: dict[str, PathStats], n: int) -> list[tuple[str, PathStats]]:
 
 
 def _short(value: object, limit: int) -> str:
-    text = dumps(value) if not isinstance(value, str) else json.dumps(value)
+    text = dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -438,5 +373,4 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-__all__ = ["FAILURES", "OUTCOMES", "DiffLog", "RotatingWriter", "Tally", "dumps", "log_files",
-           "read_records"]
+__all__ = ["FAILURES", "OUTCOMES", "DiffLog", "Tally", "dumps", "log_files", "read_records"]

@@ -3,12 +3,14 @@
 Small on purpose; every suite may use it:
 
 - ``free_port()``: a TCP port on 127.0.0.1 nobody listens on right now.
-- ``Proc``: a subprocess whose stderr goes to a temp file; ``stop()`` sends SIGTERM then
-  SIGKILL and returns the exit code, ``kill()`` sends SIGKILL, ``log()`` returns stderr.
+- ``Proc``: a subprocess whose output goes to a file (a temp file by default); ``stop()``
+  sends SIGTERM then SIGKILL and returns the exit code, ``kill()`` sends SIGKILL,
+  ``log()`` returns the output. The one process helper: bench/procs.py builds on it.
 - ``start_backend(kind, models, ...)``: start ``backends.mma`` or ``backends.mms`` on free
   ports and wait until its health socket answers; returns a ``Backend``.
 - ``req(endpoint, obj_or_bytes, timeout)``: one request on a fresh REQ socket, the reply
   decoded as JSON; raises ``TimeoutError``.
+- ``loaded_on(backend)``: the models a reference backend says it holds (asked directly).
 - ``ensure_models()``: build ``models/*.ngram`` if missing (what ``make models`` does).
 
 Paths are resolved from the repository root, so tests work from any working directory.
@@ -16,6 +18,8 @@ Paths are resolved from the repository root, so tests work from any working dire
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import random
@@ -29,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import zmq
 
@@ -42,6 +46,7 @@ DEFAULT_MODELS_TOML = REPO_ROOT / "config" / "models.toml"
 #: Ports below the kernel's ephemeral range (32768+ here): an outgoing connection never
 #: takes one of them as its source port between our check and the server's bind.
 _PORT_RANGE = (20000, 32000)
+_PR_SET_PDEATHSIG = 1
 _handed_out: set[int] = set()
 
 
@@ -62,9 +67,19 @@ def free_port() -> int:
     raise RuntimeError("no free port found")
 
 
-class Proc:
-    """A subprocess with its stderr captured to a temp file (see ``log()``).
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
+
+class Proc:
+    """A subprocess with its stdout and stderr captured to a file (see ``log()``): the
+    one process helper of the tests and the benchmarks (bench/procs.py builds on it).
+
+    ``log_path``: keep the output in that file; otherwise a temp file, removed once the
+    process is reaped (its text is kept in memory). ``pipe_stdout``: stdout is a pipe
+    (``popen.stdout``) instead. ``die_with_parent``: the child gets
+    ``PR_SET_PDEATHSIG = SIGKILL``, so it dies even when this process is SIGKILLed.
     Usable as a context manager: leaving the block stops the process.
     """
 
@@ -74,11 +89,17 @@ class Proc:
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | str = REPO_ROOT,
+        log_path: Path | None = None,
+        pipe_stdout: bool = False,
+        die_with_parent: bool = False,
     ) -> None:
         self.argv = list(argv)
-        self._stderr = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in _reap()
-            prefix="proc-", suffix=".log", delete=False
-        )
+        self.log_path = log_path
+        if log_path is None:
+            self._log: IO[bytes] = tempfile.NamedTemporaryFile(  # noqa: SIM115 - _reap
+                prefix="proc-", suffix=".log", delete=False)
+        else:
+            self._log = log_path.open("wb")
         self._final_log: str | None = None
         full_env = dict(os.environ)
         full_env.update(env or {})
@@ -87,8 +108,9 @@ class Proc:
             cwd=cwd,
             env=full_env,
             stdin=subprocess.DEVNULL,
-            stdout=self._stderr,
-            stderr=self._stderr,
+            stdout=subprocess.PIPE if pipe_stdout else self._log,
+            stderr=self._log,
+            preexec_fn=_die_with_parent if die_with_parent else None,
         )
 
     @property
@@ -100,10 +122,14 @@ class Proc:
         """The exit code, or None while running."""
         return self.popen.poll()
 
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
     def stop(self, timeout: float = 2.0) -> int:
         """SIGTERM, wait up to ``timeout`` s, then SIGKILL; returns the exit code."""
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -115,24 +141,37 @@ class Proc:
     def kill(self) -> int:
         """SIGKILL now; returns the exit code."""
         if self.popen.poll() is None:
-            self.popen.kill()
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.kill()
         self.popen.wait()
         self._reap()
         return self.popen.returncode
 
     def log(self) -> str:
-        """Everything the process wrote to stdout/stderr so far (kept after it stops)."""
+        """Everything the process wrote to its log so far (kept after it stops)."""
         if self._final_log is not None:
             return self._final_log
-        self._stderr.flush()
-        return Path(self._stderr.name).read_text(errors="replace")
+        with contextlib.suppress(ValueError):  # closed already
+            self._log.flush()
+        return Path(self._log.name).read_text(errors="replace")
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last ``lines`` lines of ``log()``."""
+        try:
+            return "\n".join(self.log().splitlines()[-lines:])
+        except OSError:
+            return ""
 
     def _reap(self) -> None:
-        """Keep the log in memory and remove the temp file."""
-        if self._final_log is None:
+        """Close the log and the pipe; a temp log is kept in memory and removed."""
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+        if self._final_log is None and self.log_path is None:
             self._final_log = self.log()
-            self._stderr.close()
-            Path(self._stderr.name).unlink(missing_ok=True)
+            self._log.close()
+            Path(self._log.name).unlink(missing_ok=True)
+        else:
+            self._log.close()
 
     def __enter__(self) -> Proc:
         return self
@@ -200,6 +239,18 @@ def req(endpoint: str, obj_or_bytes: Any, timeout: float = 5.0) -> dict[str, Any
         return reply
     finally:
         sock.close(linger=0)
+
+
+def loaded_on(backend: Backend, timeout: float = 3.0) -> set[str] | None:
+    """What a reference backend itself says it has loaded (asked directly, in its own
+    dialect, never through the shim); None when it does not answer in ``timeout`` s or
+    answers something else."""
+    request = ({"command": "GET_LOADED_MODELS_STATUS"} if backend.kind == "mma"
+               else {"action": "get_loaded_models_status"})
+    try:
+        return set(req(backend.endpoint, request, timeout=timeout)["loaded_models"])
+    except (TimeoutError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _wait_health(backend: Backend, deadline_s: float) -> bool:

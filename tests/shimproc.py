@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from tests.procs import Backend, Proc, free_port, req
+from tests.procs import Backend, Proc, free_port, req, start_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,6 +172,36 @@ def start_shim(cfg: dict[str, Any], tmp_path: Path, *, extra_args: tuple[str, ..
                 continue
             raise RuntimeError(f"shim did not start: {exc}\n{log}") from None
     raise AssertionError("unreachable")
+
+
+def start_reference_stack(tmp_path: Path, token: str, *, mma_args: tuple[str, ...] = (),
+                          mms_args: tuple[str, ...] = (), models_file: bool = False,
+                          **sections: Any) -> tuple[Backend, Backend, ShimProc]:
+    """The two reference backends (tests/procs.start_backend) behind a shim at weights
+    mma=100/mms=0 with ownership on (poll 300 ms, hand-over timeout 3 s), its admin token
+    ``token`` (``MMSHIM_TOKEN``). ``sections`` are merged into the config (shim_config);
+    ``models_file``: the shim reads config/models.toml too. The caller stops all three;
+    if the shim does not start, the backends are stopped here."""
+    mma = start_backend("mma", extra_args=mma_args)
+    try:
+        mms = start_backend("mms", extra_args=mms_args)
+    except BaseException:
+        mma.stop()
+        raise
+    try:
+        sections = {"routing": {"weights": {"mma": 100, "mms": 0}},
+                    **sections,
+                    "ownership": {"enabled": True, "poll_interval_ms": 300,
+                                  "handover_timeout_ms": 3000, **sections.get("ownership", {})}}
+        cfg = shim_config({"mma": mma, "mms": mms}, tmp_path, **sections)
+        if models_file:
+            cfg["models_file"] = str(ROOT / "config" / "models.toml")
+        shim = start_shim(cfg, tmp_path, env={"MMSHIM_TOKEN": token})
+    except BaseException:
+        mma.stop()
+        mms.stop()
+        raise
+    return mma, mms, shim
 
 
 def dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:

@@ -30,12 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import logging.handlers
-import os
 import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import msgspec
 from prometheus_client import Counter
@@ -46,6 +45,7 @@ from shim.config import RecordSection
 from shim.dialects import Op
 from shim.difflog import dumps
 from shim.errors import CommandError
+from shim.logfile import PrivateRotatingFileHandler as CaptureFileHandler
 from shim.metrics import Metrics
 from shim.routing import in_sample
 
@@ -59,6 +59,17 @@ Item = tuple[float, Op, str, bytes, bytes, float | None]
 MAX_BYTES_RANGE = (4096, 1 << 40)
 
 
+class RecordStartArgs(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``record_start``'s arguments, checked by msgspec (a bool is no number here, an
+    unknown field is refused): the path and payloads come from the config file only."""
+
+    #: Percent of conversations recorded, in (0, 100]; None: keep the current one.
+    percent: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
+    #: Size at which the capture file rotates, in bytes; None: keep the current one.
+    max_bytes: Annotated[int, msgspec.Meta(ge=MAX_BYTES_RANGE[0],
+                                           le=MAX_BYTES_RANGE[1])] | None = None
+
+
 def in_record_sample(key: object, percent: float) -> bool:
     """Is a request with this sticky key (None: none) among the ``percent`` recorded?
     (shim.routing.in_sample, salted apart from routing and shadow buckets.)"""
@@ -70,22 +81,6 @@ def _decode(raw: bytes) -> Any:
         return msgspec.json.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return {"undecodable": raw[:200].decode("utf-8", "replace"), "bytes": len(raw)}
-
-
-class CaptureFileHandler(logging.handlers.RotatingFileHandler):
-    """A RotatingFileHandler whose files are created 0600 (rotated files keep the mode)."""
-
-    errors_seen = 0
-
-    def _open(self) -> Any:
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.fchmod(fd, 0o600)  # an existing file is narrowed too
-        return os.fdopen(fd, "a", encoding="utf-8")
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        self.errors_seen += 1
-        if self.errors_seen == 1:
-            log.exception("record: cannot write the capture file %s", self.baseFilename)
 
 
 class _Listener(logging.handlers.QueueListener):
@@ -163,9 +158,7 @@ class Recorder(Addon):
             self.max_bytes = max_bytes
         if not self.path.parent.exists():
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handler = CaptureFileHandler(self.path, maxBytes=self.max_bytes,
-                                     backupCount=self._section.backups, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler = CaptureFileHandler(self.path, self.max_bytes, self._section.backups)
         q: queue.Queue[Any] = queue.Queue(self._section.queue_size)
         listener = _Listener(q, handler, self.payloads, self._written)
         listener.start()
@@ -232,23 +225,15 @@ class Recorder(Addon):
                 "record_status": lambda args: self.describe()}
 
     def _cmd_start(self, args: dict[str, Any]) -> dict[str, Any]:
-        percent = args.get("percent")
-        max_bytes = args.get("max_bytes")
-        if percent is not None and (isinstance(percent, bool) or
-                                    not isinstance(percent, int | float) or
-                                    not 0 < percent <= 100):
-            _refused("percent must be a number in (0, 100]")
-        if max_bytes is not None and (isinstance(max_bytes, bool) or
-                                      not isinstance(max_bytes, int) or
-                                      not MAX_BYTES_RANGE[0] <= max_bytes <= MAX_BYTES_RANGE[1]):
-            _refused(f"max_bytes must be an integer in {MAX_BYTES_RANGE[0]}.."
-                            f"{MAX_BYTES_RANGE[1]}")
-        unknown = sorted(set(args) - {"percent", "max_bytes"})
-        if unknown:
-            _refused(f"unknown field(s) {', '.join(unknown)} (the path and payloads "
-                            "come from the config file)")
         try:
-            self.start_recording(None if percent is None else float(percent), max_bytes)
+            start = msgspec.convert(args, RecordStartArgs)
+        except msgspec.ValidationError as exc:
+            hint = (" (the path and payloads come from the config file)"
+                    if "unknown field" in str(exc) else "")
+            _refused(f"{exc}{hint}")
+        percent, max_bytes = start.percent, start.max_bytes
+        try:
+            self.start_recording(percent, max_bytes)
         except OSError as exc:
             _refused(f"cannot open {self.path}: {exc.strerror}")
         return self.describe()
@@ -276,4 +261,4 @@ def _refused(message: str) -> NoReturn:
     raise CommandError("invalid", message)
 
 
-__all__ = ["CaptureFileHandler", "Recorder", "in_record_sample"]
+__all__ = ["CaptureFileHandler", "RecordStartArgs", "Recorder", "in_record_sample"]

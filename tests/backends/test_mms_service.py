@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import zmq
 
 from backends.registry import Registry
 from tests.procs import DEFAULT_MODELS_TOML, Backend, Proc, free_port, req, start_backend
+from tests.reliability.helpers import wait_until
 
 REGISTRY = Registry.load(DEFAULT_MODELS_TOML)
 N_MODELS = len(REGISTRY.models)
@@ -276,11 +276,8 @@ def test_idle_models_are_unloaded(backend_factory: Callable[..., Backend]) -> No
     be = backend_factory("mms", extra_args=["--idle-unload-s", "0.3"])
     assert req(be.endpoint, {"action": "load_model", "model_id": "piper-tts"})["loaded"]
     assert req(be.endpoint, {"action": "health_check"})["vram_used_mb"] == 300
-    deadline = time.monotonic() + 3.0
-    while req(be.endpoint, {"action": "health_check"})["vram_used_mb"] and (
-            time.monotonic() < deadline):
-        time.sleep(0.05)
-    health = req(be.endpoint, {"action": "health_check"})
+    health = wait_until(lambda: (h := req(be.endpoint, {"action": "health_check"}))[
+        "vram_used_mb"] == 0 and h, 10.0, "the idle model unloaded")
     assert (health["vram_used_mb"], health["loaded_models"]) == (0, 0)
     assert req(be.endpoint, {"action": "get_stats"})["stats"]["idle_unloads"] == 1
 

@@ -24,6 +24,7 @@ from backends.ledger import (
 )
 from backends.loaders import ModelHandle
 from backends.registry import ModelSpec, Registry
+from tests.reliability.helpers import wait_until_async
 
 
 class FakeHandle:
@@ -57,12 +58,14 @@ class FakeLoader:
         self.broken = set(broken)
         self.measured = measured or {}
         self.loads: Counter[str] = Counter()
+        self.started = threading.Event()  # a load is under way (set by the first)
         self._lock = threading.Lock()
 
     def __call__(self, spec: ModelSpec) -> ModelHandle:
         name = Path(spec.path).name
         with self._lock:
             self.loads[name] += 1
+        self.started.set()
         time.sleep(self.delay)
         if name in self.broken:
             raise OSError(f"{name}: file is corrupt")
@@ -233,17 +236,17 @@ async def test_idle_models_are_unloaded() -> None:
     assert online(led) == {"b"}
     reaper = asyncio.create_task(led.run_idle_reaper(interval_s=0.01))
     clock.tick(60)
-    await asyncio.sleep(0.05)
-    assert online(led) == set()
+    await wait_until_async(lambda: online(led) == set(), 10.0, "the reaper unloading b")
     reaper.cancel()
     assert led.stats.idle_unloads == 2
     led.check()
 
 
 async def test_unload_waits_for_in_flight_load() -> None:
-    led = ledger({"a": 100}, 1000, loader=FakeLoader(delay=0.05))
+    loader = FakeLoader(delay=1.0)
+    led = ledger({"a": 100}, 1000, loader=loader)
     load = asyncio.create_task(led.ensure_loaded("a"))
-    await asyncio.sleep(0.01)
+    assert await asyncio.to_thread(loader.started.wait, 10.0), "the load never began"
     assert led.entry("a").state is ModelState.LOADING
     assert led.used_mb() == 100  # charged while loading
     assert await led.unload("a") is True
@@ -254,11 +257,13 @@ async def test_unload_waits_for_in_flight_load() -> None:
 
 
 async def test_close_unloads_everything() -> None:
-    led = ledger({"a": 100, "b": 100}, 1000, loader=FakeLoader(delay=0.05))
+    loader = FakeLoader()
+    led = ledger({"a": 100, "b": 100}, 1000, loader=loader)
     await led.ensure_loaded("a")
+    loader.delay, loader.started = 1.0, threading.Event()
     pending = asyncio.create_task(led.ensure_loaded("b"))
-    await asyncio.sleep(0.01)
-    await led.close()
+    assert await asyncio.to_thread(loader.started.wait, 10.0), "b's load never began"
+    await led.close()  # while b loads
     with pytest.raises(BaseException):  # noqa: B017 - cancelled or refused, either is fine
         await pending
     assert led.used_mb() == 0

@@ -27,6 +27,7 @@ import zmq
 
 from shim.ctl import AdminClient
 from tests.procs import free_port
+from tests.reliability.helpers import wait_until
 from tests.shimproc import ROOT, Fake, ShimProc, dealer, shim_config, start_fake, start_shim
 
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "hello", "params": {"max_tokens": 4}}
@@ -83,13 +84,14 @@ def launch(shims: list[ShimProc], cfg: dict[str, Any], tmp_path: Path,
 
 def wait_healthy(client: AdminClient, timeout_s: float = 15.0) -> dict[str, Any]:
     """Until every backend is connected (else the first requests would fail over)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = client.call("status")
-        if all(b["healthy"] for b in status["backends"].values()):
-            return status
-        assert time.monotonic() < deadline, f"backends not healthy: {status['backends']}"
-        time.sleep(0.1)
+    last: dict[str, Any] = {}
+
+    def healthy() -> dict[str, Any] | None:
+        last.update(client.call("status"))
+        return dict(last) if all(b["healthy"] for b in last["backends"].values()) else None
+
+    return wait_until(healthy, timeout_s, lambda: f"backends healthy: {last.get('backends')}",
+                      interval=0.1)
 
 
 def served(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, n: int,
@@ -290,10 +292,8 @@ def test_drain_waits_for_requests_in_flight(
         sock = dealer(ctx, shim.endpoint)
         for i in range(10):
             sock.send_multipart([b"", gen_bytes(i)])
-        deadline = time.monotonic() + 10
-        while client.call("status")["backends"]["mma"]["inflight"] < 10:
-            assert time.monotonic() < deadline, "requests never reached mma"
-            time.sleep(0.02)
+        wait_until(lambda: client.call("status")["backends"]["mma"]["inflight"] >= 10, 10.0,
+                   "the 10 requests in flight at mma", interval=0.02)
 
         # Too short a wait: refused (exit 1), the weight stays 0, requests still run.
         short = ctl(shim, "--json", "drain", "mma", "--wait", "0.1")
@@ -426,10 +426,8 @@ def test_sighup_reloads_the_config_file(
     shim.config_path.write_text(json.dumps(
         {**cfg, "routing": {"weights": {"mma": 0, "mms": 100}}}))
     os.kill(shim.proc.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while weights_of(client.call("status")) != {"mma": 0.0, "mms": 100.0}:
-        assert time.monotonic() < deadline, "SIGHUP did not reload"
-        time.sleep(0.05)
+    wait_until(lambda: weights_of(client.call("status")) == {"mma": 0.0, "mms": 100.0}, 10.0,
+               "the reload on SIGHUP")
     assert served(ctx, shim.endpoint, 100) == {"mms": 100}
     audit = [json.loads(line) for line in
              (tmp_path / "state.audit.jsonl").read_text().splitlines()]
@@ -437,10 +435,14 @@ def test_sighup_reloads_the_config_file(
     assert audit[-1]["old"] == {"weights.mma": 100.0, "weights.mms": 0.0}
 
     # A broken file on SIGHUP is logged and changes nothing; the shim keeps serving.
+    # (Waiting for the refusal in the log first makes "changes nothing" able to fail.)
     shim.config_path.write_text("garbage = [")
     os.kill(shim.proc.pid, signal.SIGHUP)
-    time.sleep(0.5)
+    wait_until(lambda: any("SIGHUP" in line and "refused" in line
+                           for line in shim.proc.log().splitlines()), 10.0,
+               "the refused reload in the shim's log")
     assert weights_of(client.call("status")) == {"mma": 0.0, "mms": 100.0}
+    assert served(ctx, shim.endpoint, 20) == {"mms": 20}
     assert shim.proc.poll() is None
 
 

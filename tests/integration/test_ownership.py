@@ -5,14 +5,15 @@ every request is answered successfully."""
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.procs import Backend, req, start_backend
-from tests.shimproc import ShimProc, shim_config, start_shim
+from tests.procs import Backend, loaded_on, req, start_backend
+from tests.reliability.helpers import OverlapWatcher, wait_until
+from tests.shimproc import ShimProc, shim_config, start_reference_stack, start_shim
 
 TOKEN = "test-token-ownership"
 PREFS = ["fast", "quality", "fallback", "stt", "tts"]  # five models through the policy
@@ -22,28 +23,17 @@ def admin(shim: ShimProc, command: str, **args: object) -> dict:
     return req(shim.admin_endpoint, {"token": TOKEN, "command": command, **args}, timeout=10.0)
 
 
-def loaded_on(backend: Backend) -> set[str] | None:
-    """What the backend itself says it has loaded (asked directly, not through the shim)."""
-    request = ({"command": "GET_LOADED_MODELS_STATUS"} if backend.kind == "mma"
-               else {"action": "get_loaded_models_status"})
-    try:
-        return set(req(backend.endpoint, request, timeout=3.0)["loaded_models"])
-    except TimeoutError:
-        return None
-
-
 @pytest.fixture
-def stack(tmp_path: Path):
-    mma, mms = start_backend("mma"), start_backend("mms")
-    cfg = shim_config({"mma": mma, "mms": mms}, tmp_path,
-                      routing={"weights": {"mma": 100, "mms": 0}},
-                      ownership={"enabled": True, "poll_interval_ms": 300,
-                                 "handover_timeout_ms": 3000})
-    shim = start_shim(cfg, tmp_path, env={"MMSHIM_TOKEN": TOKEN})
+def stack(tmp_path: Path) -> Iterator[tuple[Backend, Backend, ShimProc]]:
+    mma, mms, shim = start_reference_stack(tmp_path, TOKEN)
     yield mma, mms, shim
     shim.stop()
     mma.stop()
     mms.stop()
+
+
+def answered(outcomes: Counter[str]) -> int:
+    return sum(outcomes.values())
 
 
 def test_weight_sweep_never_loads_a_model_twice(stack) -> None:
@@ -51,11 +41,10 @@ def test_weight_sweep_never_loads_a_model_twice(stack) -> None:
     stop = threading.Event()
     outcomes: Counter[str] = Counter()
     failures: list[dict] = []
-    duplicates: list[tuple[str, float]] = []
 
     def traffic(worker: int) -> None:
         i = 0
-        while not stop.is_set():
+        while not stop.is_set() and i < 20_000:
             pref = PREFS[(i + worker) % len(PREFS)]
             reply = req(shim.endpoint, {"action": "generate", "model_pref": pref,
                                         "prompt": "the default value", "params": {"max_tokens": 4}},
@@ -65,41 +54,39 @@ def test_weight_sweep_never_loads_a_model_twice(stack) -> None:
                 failures.append(reply)
             i += 1
 
-    def watch() -> None:
-        # A model counts as on both only if seen on MMA before AND after seeing it on MMS:
-        # a hand-over between two polls is not a duplicate.
-        while not stop.is_set():
-            first, middle, last = loaded_on(mma), loaded_on(mms), loaded_on(mma)
-            if first is not None and middle is not None and last is not None:
-                for model in first & middle & last:
-                    duplicates.append((model, time.monotonic()))
-            time.sleep(0.02)
-
+    # The watcher asks both backends directly; a model counts as on both only if seen on
+    # MMA before AND after seeing it on MMS (a hand-over between two polls is not one).
+    watcher = OverlapWatcher(mma, mms, ask_timeout=3.0, pause_s=0.02)
     threads = [threading.Thread(target=traffic, args=(w,)) for w in range(3)]
-    threads.append(threading.Thread(target=watch))
+    watcher.start()
     for t in threads:
         t.start()
     try:
-        time.sleep(1.5)
+        # Progress, not time: every step of the sweep runs under traffic that reached
+        # each of the five models at least once more (15 replies over 3 workers).
+        wait_until(lambda: answered(outcomes) >= 15, 60, "the first replies")
         for mms_weight in range(0, 101, 10):
             reply = admin(shim, "set_weights", weights={"mma": 100 - mms_weight, "mms": mms_weight})
             assert reply["status"] == "ok", reply
-            time.sleep(0.8)
-        time.sleep(1.5)
+            target = answered(outcomes) + 15
+            wait_until(lambda: answered(outcomes) >= target, 60,  # noqa: B023 - used at once
+                       f"15 replies at mms={mms_weight}")
+        # At mms=100 every model that is loaded moves to MMS, and MMA ends up with none.
+        wait_until(lambda: loaded_on(mma) == set() and len(loaded_on(mms) or ()) >= 4, 60,
+                   lambda: f"every model on MMS: mma={loaded_on(mma)} mms={loaded_on(mms)}")
+        watcher.wait_looks(5)  # the watcher has looked at the settled system too
     finally:
         stop.set()
         for t in threads:
             t.join(15)
+        watcher.stop()
     handovers = sum(float(line.rsplit(" ", 1)[1]) for line in shim.metrics().splitlines()
                     if line.startswith("shim_model_handovers_total{"))
     print(f"\n[sweep] {dict(outcomes)}, {int(handovers)} hand-overs, "
-          f"{len(duplicates)} duplicates seen by the watcher")
-    assert not duplicates, duplicates
+          f"{len(watcher.overlaps)} duplicates seen by the watcher in {watcher.looks} looks")
+    assert not watcher.overlaps, watcher.overlaps
     assert not failures, failures[:3]
     assert outcomes["ok"] > 100
-    # After the sweep every model that is loaded lives on MMS, and MMA holds none.
-    assert loaded_on(mma) == set()
-    assert len(loaded_on(mms) or ()) >= 4
     status = admin(shim, "status")
     owners = status.get("ownership", {}).get("owners", {})
     assert owners and set(owners.values()) == {"mms"}, status.get("ownership")
@@ -118,15 +105,9 @@ def test_duplicate_found_by_polling_is_counted_and_repaired(tmp_path: Path) -> N
         cfg = shim_config({"mma": mma, "mms": mms}, tmp_path,
                           ownership={"enabled": True, "poll_interval_ms": 200, "repair": True})
         shim = start_shim(cfg, tmp_path)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if ("tinyllama" in (loaded_on(mma) or set())) != \
-                    ("tinyllama" in (loaded_on(mms) or set())):
-                break
-            time.sleep(0.1)
-        on_mma = "tinyllama" in (loaded_on(mma) or set())
-        on_mms = "tinyllama" in (loaded_on(mms) or set())
-        assert on_mma != on_mms, "the duplicate was not repaired"
+        wait_until(lambda: ("tinyllama" in (loaded_on(mma) or set()))
+                   != ("tinyllama" in (loaded_on(mms) or set())), 20,
+                   "the duplicate tinyllama repaired (on one backend only)", interval=0.1)
         assert 'shim_duplicate_models_total{model="tinyllama"}' in shim.metrics()
     finally:
         if shim is not None:

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from tests import procs
 from tests.procs import Backend, req, start_backend
 from tests.reliability.helpers import wait_until
-from tests.shimproc import ROOT, ShimProc, shim_config, start_shim
+from tests.shimproc import ROOT, ShimProc, shim_config, start_reference_stack, start_shim
 
 TOKEN = "test-token-ownership-faults"
 
@@ -29,20 +30,17 @@ def admin(shim: ShimProc, command: str, **args: object) -> dict[str, Any]:
 
 
 def loaded_on(backend: Backend) -> set[str]:
-    request = ({"command": "GET_LOADED_MODELS_STATUS"} if backend.kind == "mma"
-               else {"action": "get_loaded_models_status"})
-    return set(req(backend.endpoint, request, timeout=5.0)["loaded_models"])
+    """What the backend says it holds (tests/procs.loaded_on); it must answer."""
+    models = procs.loaded_on(backend, timeout=5.0)
+    assert models is not None, f"{backend.kind} did not say what it holds"
+    return models
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[Backend, Backend, ShimProc]]:
-    mma, mms = start_backend("mma"), start_backend("mms")
-    cfg = shim_config({"mma": mma, "mms": mms}, tmp_path,
-                      routing={"weights": {"mma": 100, "mms": 0}},
-                      health={"interval_ms": 100, "timeout_ms": 100, "probe_failures": 2},
-                      ownership={"enabled": True, "poll_interval_ms": 200,
-                                 "handover_timeout_ms": 2000})
-    shim = start_shim(cfg, tmp_path, env={"MMSHIM_TOKEN": TOKEN})
+    mma, mms, shim = start_reference_stack(
+        tmp_path, TOKEN, health={"interval_ms": 100, "timeout_ms": 100, "probe_failures": 2},
+        ownership={"poll_interval_ms": 200, "handover_timeout_ms": 2000})
     yield mma, mms, shim
     shim.stop()
     os.kill(mma.proc.pid, signal.SIGCONT)

@@ -12,7 +12,6 @@ import re
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.procs import REPO_ROOT, Backend, req, start_backend
+from tests.reliability.helpers import wait_until
 from tests.shimproc import ShimProc, shim_config, start_shim
 
 DEMO_PROMPT = "The return value of the function"  # what shim.demo's generates send
@@ -42,13 +42,14 @@ def record_status(shim: ShimProc) -> dict[str, Any]:
 
 
 def wait_written(shim: ShimProc, count: int, timeout: float = 20.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = record_status(shim)
-        if status["written"] >= count:
-            return status
-        assert time.monotonic() < deadline, f"only {status['written']} of {count} written"
-        time.sleep(0.05)
+    """The record status once ``count`` exchanges are in the capture file."""
+    last: dict[str, Any] = {}
+
+    def written() -> dict[str, Any] | None:
+        last.update(record_status(shim))
+        return dict(last) if last["written"] >= count else None
+
+    return wait_until(written, timeout, lambda: f"{count} written (only {last.get('written')})")
 
 
 def seeded_models(tmp_path: Path) -> Path:

@@ -11,14 +11,15 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.procs import Backend, req, start_backend
-from tests.shimproc import ShimProc, shim_config, start_shim
+from tests.procs import Backend, req
+from tests.reliability.helpers import OverlapWatcher, wait_until
+from tests.shimproc import ShimProc, shim_config, start_reference_stack, start_shim
 
 TOKEN = "test-token-rollout"
 PREFS = ["fast", "quality", "fallback", "stt", "tts"]  # five models through the policy
@@ -39,26 +40,6 @@ def rollout(shim: ShimProc) -> dict[str, Any]:
     reply = admin(shim, "rollout_status")
     assert reply["status"] == "ok", reply
     return dict(reply["rollout"])
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float) -> Any:
-    """Poll ``check`` until it returns something truthy (bounded)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def loaded_on(backend: Backend) -> set[str] | None:
-    request = ({"command": "GET_LOADED_MODELS_STATUS"} if backend.kind == "mma"
-               else {"action": "get_loaded_models_status"})
-    try:
-        return set(req(backend.endpoint, request, timeout=3.0)["loaded_models"])
-    except TimeoutError:
-        return None
 
 
 def plan(name: str, stages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -106,42 +87,14 @@ class Traffic:
             t.join(timeout=15)
 
 
-class DuplicateWatcher:
-    """Independently of the shim: a model seen on MMA before and after being seen on MMS
-    is on both at once."""
-
-    def __init__(self, mma: Backend, mms: Backend) -> None:
-        self.mma, self.mms = mma, mms
-        self.stop = threading.Event()
-        self.duplicates: list[str] = []
-        self.thread = threading.Thread(target=self._run)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            first, middle, last = loaded_on(self.mma), loaded_on(self.mms), loaded_on(self.mma)
-            if first is not None and middle is not None and last is not None:
-                self.duplicates += sorted(first & middle & last)
-            self.stop.wait(0.05)
-
-    def __enter__(self) -> DuplicateWatcher:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=15)
-
-
 def make_stack(tmp_path: Path, mms_args: list[str]) -> tuple[Backend, Backend, ShimProc]:
-    mma = start_backend("mma", extra_args=VRAM)
-    mms = start_backend("mms", extra_args=[*VRAM, *mms_args])
-    cfg = shim_config({"mma": mma, "mms": mms}, tmp_path,
-                      routing={"weights": {"mma": 100, "mms": 0}},
-                      ownership={"enabled": True, "poll_interval_ms": 300,
-                                 "handover_timeout_ms": 3000})
-    cfg["models_file"] = str(ROOT / "config" / "models.toml")
-    shim = start_shim(cfg, tmp_path, env={"MMSHIM_TOKEN": TOKEN})
-    return mma, mms, shim
+    return start_reference_stack(tmp_path, TOKEN, mma_args=tuple(VRAM),
+                                 mms_args=(*VRAM, *mms_args), models_file=True)
+
+
+def watcher(mma: Backend, mms: Backend) -> OverlapWatcher:
+    """The independent watcher (asks both backends directly, never the shim)."""
+    return OverlapWatcher(mma, mms, ask_timeout=3.0, pause_s=0.05)
 
 
 @pytest.fixture
@@ -180,14 +133,14 @@ def test_healthy_plan_completes_to_all_mms(healthy) -> None:
               {"name": "llms", "models": LLMS},
               {"name": "stt", "models": [*LLMS, "whisper-small"]},
               {"name": "all", "models": ALL, "model_free_percent": 100}]
-    with DuplicateWatcher(mma, mms) as watcher, Traffic(shim) as traffic:
+    with watcher(mma, mms) as seen, Traffic(shim) as traffic:
         started = admin(shim, "rollout_start", plan=plan("healthy", stages))
         assert started["status"] == "ok", started
-        done = wait_for("the rollout to finish",
-                        lambda: (r := rollout(shim))["status"] != "running" and r, 240)
+        done = wait_until(lambda: (r := rollout(shim))["status"] != "running" and r, 240,
+                          "the rollout to finish", interval=0.1)
         assert done["status"] == "completed", done
     assert admin(shim, "status")["weights"] == {"mma": 0.0, "mms": 100.0}
-    assert watcher.duplicates == []
+    assert seen.duplicates == []
     assert traffic.failures == [], traffic.failures[:5]
     assert traffic.outcomes["ok"] > 0
     events = [h["event"] for h in done["history"]]
@@ -203,22 +156,22 @@ def test_failing_model_rolls_back_its_stage_within_the_bake(broken_phi) -> None:
     warm_up(shim)
     stages = [{"name": "tts", "models": ["piper-tts"]},
               {"name": "llms", "models": LLMS, "min_bake_s": 30, "max_bake_s": 60}]
-    with DuplicateWatcher(mma, mms) as watcher, Traffic(shim):
+    with watcher(mma, mms) as seen, Traffic(shim):
         assert admin(shim, "rollout_start", plan=plan("broken", stages))["status"] == "ok"
-        wait_for("stage 2", lambda: rollout(shim)["stage"]["number"] == 2, 120)
+        wait_until(lambda: rollout(shim)["stage"]["number"] == 2, 120, "stage 2", interval=0.1)
         at_stage_2 = time.monotonic()
-        done = wait_for("the rollback", lambda: (r := rollout(shim))["status"] != "running"
-                        and r, 90)
-        took = time.monotonic() - at_stage_2
+        done = wait_until(lambda: (r := rollout(shim))["status"] != "running" and r, 90,
+                          "the rollback", interval=0.1)
+        took = time.monotonic() - at_stage_2  # printed only: the bake is the shim's clock
     assert done["status"] == "rolled_back", done
     rb = done["rollback"]
     assert rb["stage"] == 2 and rb["gate"] == "errors", rb
     assert "phi-2" in rb["reason"], rb
-    assert rb["baked_s"] < 60 and took < 60, (rb, took)
+    assert rb["baked_s"] < 60, rb
     tts_weights = {"mma": 85.41, "mms": 14.59}
     assert rb["weights"] == tts_weights
     assert admin(shim, "status")["weights"] == tts_weights
-    assert watcher.duplicates == []
+    assert seen.duplicates == []
     assert 'shim_rollout_rollbacks_total{plan="broken"} 1.0' in shim.metrics()
     print(f"\nrolled back stage 2 after {rb['baked_s']:.1f} s baked ({took:.1f} s wall): "
           f"{rb['reason']}")
@@ -233,8 +186,8 @@ def test_restart_resumes_the_bake_and_never_reapplies_a_stage(healthy, tmp_path)
     started = ctl(shim, "rollout", "start", str(plan_file))
     assert started.returncode == 0, started.stderr
     assert "stage 1/1 tts: weights mma=85.41 mms=14.59" in started.stdout, started.stdout
-    baked = wait_for("some bake", lambda: (b := rollout(shim)["stage"]["baked_s"]) > 2 and b,
-                     30)
+    baked = wait_until(lambda: (b := rollout(shim)["stage"]["baked_s"]) > 2 and b, 30,
+                       "some bake", interval=0.1)
     code = shim.stop()
     assert code == 0
     again = start_shim({**_config_of(shim)}, tmp_path, env={"MMSHIM_TOKEN": TOKEN},
@@ -247,7 +200,8 @@ def test_restart_resumes_the_bake_and_never_reapplies_a_stage(healthy, tmp_path)
         assert events.count("stage") == 1 and "resumed" in events, events
         assert admin(again, "status")["weights"] == {"mma": 85.41, "mms": 14.59}
         # Bake time goes on from where it was.
-        wait_for("more bake", lambda: rollout(again)["stage"]["baked_s"] > baked + 1, 30)
+        wait_until(lambda: rollout(again)["stage"]["baked_s"] > baked + 1, 30, "more bake",
+                   interval=0.1)
         paused = admin(again, "rollout_pause")
         assert paused["rollout"]["status"] == "paused"
         aborted = admin(again, "rollout_abort")
@@ -314,8 +268,8 @@ def test_bad_rollout_commands_get_clear_refusals_and_a_manual_change_pauses(
         assert admin(shim, "status")["mode"] == "shadow"
         # An operator's change wins: the rollout pauses instead of fighting it.
         assert admin(shim, "set_weights", weights={"mma": 50, "mms": 50})["status"] == "ok"
-        paused = wait_for("the pause", lambda: (r := rollout(shim))["status"] == "paused"
-                          and r, 20)
+        paused = wait_until(lambda: (r := rollout(shim))["status"] == "paused" and r, 20,
+                            "the pause", interval=0.1)
         assert "changed outside the rollout" in paused["paused_reason"]
         resumed = admin(shim, "rollout_resume")["rollout"]
         assert resumed["status"] == "running"

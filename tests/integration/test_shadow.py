@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,14 @@ import pytest
 import zmq
 
 from tests.procs import REPO_ROOT, free_port, req, start_backend
+from tests.reliability.helpers import wait_until
 from tests.shimproc import Fake, ShimProc, shim_config, start_fake, start_shim
 
 SECRET = "SHADOW-ONLY-7f3a"  # the shadow fake's name: it is in every reply it sends
 GEN_FAST = {"action": "generate", "model_pref": "fast", "prompt": "hi", "params": {"max_tokens": 4}}
 GEN_QUALITY = {**GEN_FAST, "model_pref": "quality"}
 STATUS = {"action": "status"}
+WAIT_S = 15.0  # bound of every wait on a condition (generous: a loaded machine)
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -56,11 +58,10 @@ def total(counts: dict[tuple[str, str], int], action: str | None = None,
                if (action is None or a == action) and (outcome is None or o == outcome))
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+def skipped_not_loaded(shim: ShimProc) -> int:
+    """Requests the shadow addon did not mirror because the model is not loaded there
+    (the admin status' ``shadow_activity``)."""
+    return int(shim.status()["shadow_activity"]["skipped_not_loaded"])
 
 
 def wait_for_first_mirror(shim: ShimProc, shadow: Fake) -> None:
@@ -69,7 +70,7 @@ def wait_for_first_mirror(shim: ShimProc, shadow: Fake) -> None:
     def mirrored() -> bool:
         req(shim.endpoint, GEN_FAST)
         return received(shadow).get("generate_text:phi-2", 0) > 0
-    wait_for(mirrored, what="the first mirrored generate")
+    wait_until(mirrored, WAIT_S, "the first mirrored generate")
 
 
 def shadow_config(fakes: dict[str, Any], tmp_path: Path, **shadow: Any) -> dict[str, Any]:
@@ -139,8 +140,8 @@ def test_shadow_replies_never_reach_clients(stack: dict[str, Any]) -> None:
     assert all(r["status"] in ("ok", "SUCCESS") for r in replies)
     assert sum(1 for r in replies if r.get("response_text") == "mma") == 400
     # ...while the shadow did answer, with its own name in its replies.
-    wait_for(lambda: received(shadow).get("generate_text:phi-2", 0)
-             - before.get("generate_text:phi-2", 0) >= 300, what="mirrored generates")
+    wait_until(lambda: received(shadow).get("generate_text:phi-2", 0)
+               - before.get("generate_text:phi-2", 0) >= 300, WAIT_S, "mirrored generates")
     counts = shadow_counts(shim)
     assert total(counts, "generate", "match") >= 300  # text by shape: SECRET vs "mma" match
     assert total(counts, "status", "match") > 0 and total(counts, "status", "mismatch") == 0
@@ -157,8 +158,8 @@ def test_state_changing_requests_are_never_mirrored(stack: dict[str, Any]) -> No
         req(shim.endpoint, {"model_id": "whisper-small", "request_id": f"r{i}", "context": {}})
         req(shim.endpoint, {"action": "clear_conversation", "conversation_id": "c-1"})
         req(shim.endpoint, STATUS)  # a read-only request in between: that one is mirrored
-    wait_for(lambda: total(shadow_counts(shim), "status")
-             - total(before_counts, "status") >= 10, what="status comparisons")
+    wait_until(lambda: total(shadow_counts(shim), "status")
+               - total(before_counts, "status") >= 10, WAIT_S, "status comparisons")
     after = received(shadow)
     changed = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
     assert not any(k.startswith(("load_model", "unload_model", "model_access")) for k in changed), \
@@ -172,12 +173,16 @@ def test_generate_is_mirrored_only_when_the_model_is_loaded_on_the_shadow(
         stack: dict[str, Any]) -> None:
     shim, primary, shadow = stack["shim"], stack["mma"], stack["mms"]
     before, before_primary = received(shadow), received(primary)
+    skipped_before = skipped_not_loaded(shim)
     for _ in range(20):
         assert req(shim.endpoint, GEN_FAST)["response_text"] == "mma"  # phi-2: on both
         assert req(shim.endpoint, GEN_QUALITY)["response_text"] == "mma"  # mistral-7b: not
-    wait_for(lambda: received(shadow).get("generate_text:phi-2", 0)
-             - before.get("generate_text:phi-2", 0) >= 20, what="mirrored phi-2 generates")
-    time.sleep(0.2)
+    wait_until(lambda: received(shadow).get("generate_text:phi-2", 0)
+               - before.get("generate_text:phi-2", 0) >= 20, WAIT_S, "mirrored phi-2 generates")
+    # The positive event that makes the absence below able to fail: the shadow addon has
+    # decided about all 20 mistral-7b generates (skipped: not loaded on the shadow).
+    wait_until(lambda: skipped_not_loaded(shim) - skipped_before >= 20, WAIT_S,
+               "20 mistral-7b generates skipped by the shadow")
     after, after_primary = received(shadow), received(primary)
     assert after.get("generate_text:mistral-7b", 0) == before.get("generate_text:mistral-7b", 0)
     assert after_primary["generate:quality"] - before_primary.get("generate:quality", 0) == 20
@@ -236,8 +241,8 @@ def test_stalled_shadow_leaves_primary_latency_alone_and_sheds(tmp_path: Path) -
         assert total(counts, "status", "shed") >= 300 - 8 - 20
         assert total(counts, outcome="match") == total(counts, outcome="mismatch") == 0
         # The stalled copies time out in the background and free the queue again.
-        wait_for(lambda: total(shadow_counts(shims[1]), outcome="shadow_timeout") >= 8,
-                 timeout=5.0, what="shadow timeouts")
+        wait_until(lambda: total(shadow_counts(shims[1]), outcome="shadow_timeout") >= 8,
+                   WAIT_S, "shadow timeouts")
         assert received(fakes["mms"]).get("get_loaded_models_status", 0) >= 8
     finally:
         for sock in socks:
@@ -261,8 +266,8 @@ def test_garbage_or_dead_shadow_changes_nothing_for_clients(tmp_path: Path,
         for _ in range(30):
             assert req(shim.endpoint, STATUS)["status"] == "ok"
             assert req(shim.endpoint, {"command": "HEALTH_CHECK"})["status"] == "SUCCESS"
-        wait_for(lambda: total(shadow_counts(shim), outcome="shadow_error") >= 60,
-                 what="shadow errors")
+        wait_until(lambda: total(shadow_counts(shim), outcome="shadow_error") >= 60,
+                   WAIT_S, "shadow errors")
         assert total(shadow_counts(shim), outcome="match") == 0
     finally:
         shim.stop()
@@ -295,15 +300,15 @@ def test_renamed_field_shows_in_the_diff_log_and_the_diffs_report(tmp_path: Path
         for _ in range(10):
             req(shim.endpoint, {"command": "GET_LOADED_MODELS_STATUS"})
             req(shim.endpoint, GEN_QUALITY)  # mistral-7b is loaded nowhere: not mirrored
-        wait_for(lambda: total(shadow_counts(shim), outcome="mismatch") >= 50,
-                 what="mismatches")
+        wait_until(lambda: total(shadow_counts(shim), outcome="mismatch") >= 50,
+                   WAIT_S, "mismatches")
         counts = shadow_counts(shim)
         assert counts[("status", "mismatch")] == 40
         assert received(fakes["mms"]).get("generate_text:mistral-7b", 0) == 0
         assert received(twin).get("status", 0) >= 40  # the twin got its copies too
         # The same report from the running shim, through the admin socket.
-        wait_for(lambda: "total_models" in mmshim(
-            "ctl", "--config", str(shim.config_path), "diffs").stdout, what="ctl diffs")
+        wait_until(lambda: "total_models" in mmshim(
+            "ctl", "--config", str(shim.config_path), "diffs").stdout, WAIT_S, "ctl diffs")
     finally:
         assert shim.stop() == 0  # flushes the diff log's last tally
         for fake in [*fakes.values(), twin]:

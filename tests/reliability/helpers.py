@@ -16,6 +16,8 @@ number of requests and in time, so a test can never hang or run away.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import resource
@@ -25,12 +27,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
 from shim.routing import RoutingTable, bucket_of
-from tests.procs import req
+from tests.procs import Backend, loaded_on, req
 from tests.shimproc import Fake, ShimProc, start_shim
 
 GEN = {"action": "generate", "model_pref": "fast", "prompt": "hello", "params": {"max_tokens": 4}}
@@ -43,6 +45,7 @@ def distinct_gen(client: int, seq: int) -> bytes:
     return json.dumps({**GEN, "client": client, "seq": seq}).encode()
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
+T = TypeVar("T")
 
 
 # -- process limits ------------------------------------------------------------------
@@ -122,17 +125,18 @@ def settled_counts(shim: ShimProc, *, requests: int | None = None,
     Returns the last scrape even when it never settled, so the caller's assertion shows
     the numbers.
     """
-    deadline = time.monotonic() + timeout
-    last: dict[str, int] | None = None
-    while True:
-        counts = frontend_counts(shim)
+    scrapes: list[dict[str, int]] = []
+
+    def settled() -> bool:
+        scrapes.append(frontend_counts(shim))
+        counts = scrapes[-1]
         balanced = counts["requests"] == counts["replies"] + counts["unroutable"]
-        if balanced and (requests is None or counts["requests"] == requests) and counts == last:
-            return counts
-        if time.monotonic() > deadline:
-            return counts
-        last = counts
-        time.sleep(0.1)
+        return (balanced and (requests is None or counts["requests"] == requests)
+                and len(scrapes) > 1 and counts == scrapes[-2])
+
+    with contextlib.suppress(AssertionError):
+        wait_until(settled, timeout, "settled frontend counters", interval=0.1)
+    return scrapes[-1]
 
 
 def start_ready(cfg: dict[str, Any], tmp_path: Path) -> ShimProc:
@@ -168,13 +172,90 @@ def fake_counts(fake: Fake) -> dict[str, int]:
     return counts
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.05) -> None:
+def wait_until(predicate: Callable[[], T], timeout: float, what: str | Callable[[], str],
+               interval: float = 0.05) -> T:
+    """The test suite's one polling helper: call ``predicate`` every ``interval`` s until
+    it returns something truthy, and return that. After ``timeout`` s, AssertionError
+    naming ``what`` (a callable is called then, to show the last state)."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {said}")
         time.sleep(interval)
+    return value
+
+
+class OverlapWatcher(threading.Thread):
+    """The independent watcher of "one owner per model" (design.md): polls both reference
+    backends directly (tests/procs.loaded_on, never through the shim), in turn. A model
+    counts as on both when seen on ``mma``, then on ``mms``, then on ``mma`` again (three
+    answers in a row): a hand-over between two looks is not an overlap. ``overlaps``
+    records each sighting, ``longest_overlap_s`` how long back-to-back sightings of one
+    model lasted, ``looks`` the rounds done. Use as a context manager or start/stop."""
+
+    def __init__(self, mma: Backend, mms: Backend, *, ask_timeout: float = 0.3,
+                 pause_s: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.mma, self.mms = mma, mms
+        self.ask_timeout, self.pause_s = ask_timeout, pause_s
+        self.halt = threading.Event()
+        self.overlaps: list[tuple[str, float]] = []
+        self.longest_overlap_s = 0.0
+        self.looks = 0
+
+    @property
+    def duplicates(self) -> list[str]:
+        """The models of every overlap sighting, in order."""
+        return [model for model, _ in self.overlaps]
+
+    def run(self) -> None:
+        since: dict[str, float] = {}
+        while not self.halt.is_set():
+            first = loaded_on(self.mma, self.ask_timeout)
+            middle = loaded_on(self.mms, self.ask_timeout)
+            last = loaded_on(self.mma, self.ask_timeout)
+            now = time.monotonic()
+            both = (first & middle & last) if (
+                first is not None and middle is not None and last is not None) else set()
+            for model in sorted(both):
+                self.overlaps.append((model, now))
+                start = since.setdefault(model, now)
+                self.longest_overlap_s = max(self.longest_overlap_s, now - start)
+            for model in list(since):
+                if model not in both:
+                    del since[model]
+            self.looks += 1
+            self.halt.wait(self.pause_s)
+
+    def wait_looks(self, n: int, timeout: float = 30.0) -> None:
+        """Until ``n`` more rounds of looks are done (a settled system seen, not a time)."""
+        target = self.looks + n
+        wait_until(lambda: self.looks >= target or bool(self.overlaps), timeout,
+                   f"{n} more looks by the overlap watcher")
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(15)
+
+    def __enter__(self) -> OverlapWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def wait_until_async(predicate: Callable[[], T], timeout: float,
+                           what: str | Callable[[], str], interval: float = 0.01) -> T:
+    """``wait_until`` for a test that runs on the event loop: the loop runs meanwhile."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout} s waiting for {said}")
+        await asyncio.sleep(interval)
+    return value
 
 
 def sticky_key_for(backend: str, weights: dict[str, float], prefix: str = "conv") -> str:

@@ -9,7 +9,6 @@ failure explains, counters that add up on both sides, and the shim serving after
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -58,10 +57,14 @@ def test_backend_sigkill_and_restart_under_load(topology, tmp_path, ctx: Ctx) ->
     try:
         load = Load(ctx, shim.endpoint, clients=24, deadline_s=1.5 + 1.5, duration_s=4.0,
                     pace_s=0.02, max_requests=6000).start()
-        time.sleep(1.0)
+        # Under way: MMA has served a good number of requests (progress, not time).
+        wait_until(lambda: load.result.served().get("mma", 0) >= 100, 30.0,
+                   "100 requests served by mma")
         killed_at = load.now()  # before the kill: its effects can come back at once
         fakes["mma"].kill()  # SIGKILL: no goodbye on the wire
-        time.sleep(0.6)
+        # Down for a while: until the shim has noticed (its health probe).
+        wait_until(lambda: not shim.status()["backends"]["mma"]["healthy"], 30.0,
+                   "the shim marking mma unhealthy")
         restarted = restart_fake(fakes["mma"], delay_ms=20)
         restarted_at = load.now()
         result = load.join()

@@ -24,7 +24,6 @@ import os
 import random
 import signal
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,8 @@ import pytest
 import zmq
 
 from tests.procs import Backend, req, start_backend
-from tests.reliability.helpers import Load
-from tests.shimproc import ShimProc, shim_config, start_shim
+from tests.reliability.helpers import Load, OverlapWatcher
+from tests.shimproc import ShimProc, start_reference_stack
 
 TOKEN = "test-token-soak"
 MODELS = ["phi-2", "tinyllama", "whisper-small", "piper-tts"]
@@ -44,48 +43,6 @@ SOAK_S = float(os.environ.get("MMSHIM_SOAK_S", "25"))
 
 def admin(shim: ShimProc, command: str, **args: object) -> dict[str, Any]:
     return req(shim.admin_endpoint, {"token": TOKEN, "command": command, **args}, timeout=15.0)
-
-
-def loaded_on(backend: Backend) -> set[str] | None:
-    """What the backend itself says it holds (asked directly), or None if it is silent."""
-    request = ({"command": "GET_LOADED_MODELS_STATUS"} if backend.kind == "mma"
-               else {"action": "get_loaded_models_status"})
-    try:
-        return set(req(backend.endpoint, request, timeout=0.3)["loaded_models"])
-    except (TimeoutError, KeyError, ValueError):
-        return None
-
-
-class Watcher(threading.Thread):
-    """Polls both backends in turn. A model counts as on both when seen on one backend,
-    then on the other, then on the first again (three answers in a row): a hand-over
-    between two looks is not an overlap. ``overlaps`` records each such sighting and
-    ``longest_overlap_s`` how long back-to-back sightings of one model lasted."""
-
-    def __init__(self, backends: dict[str, Backend]) -> None:
-        super().__init__(daemon=True)
-        self.backends = backends
-        self.stop = threading.Event()
-        self.overlaps: list[tuple[str, float]] = []
-        self.longest_overlap_s = 0.0
-        self.looks = 0
-
-    def run(self) -> None:
-        a, b = self.backends["mma"], self.backends["mms"]
-        since: dict[str, float] = {}
-        while not self.stop.is_set():
-            first, middle, last = loaded_on(a), loaded_on(b), loaded_on(a)
-            self.looks += 1
-            now = time.monotonic()
-            both = (first & middle & last) if None not in (first, middle, last) else set()
-            for model in both:  # type: ignore[union-attr]
-                self.overlaps.append((model, now))
-                start = since.setdefault(model, now)
-                self.longest_overlap_s = max(self.longest_overlap_s, now - start)
-            for model in list(since):
-                if model not in both:
-                    del since[model]
-            self.stop.wait(0.01)
 
 
 def payload(rng: random.Random) -> Any:
@@ -192,13 +149,8 @@ class Faults:
 
 @pytest.fixture
 def stack(tmp_path: Path):
-    mma, mms = start_backend("mma"), start_backend("mms")
-    cfg = shim_config({"mma": mma, "mms": mms}, tmp_path,
-                      routing={"weights": {"mma": 100, "mms": 0}},
-                      ownership={"enabled": True, "poll_interval_ms": 300,
-                                 "handover_timeout_ms": 3000},
-                      ejection={"base_ejection_ms": 1000})
-    shim = start_shim(cfg, tmp_path, env={"MMSHIM_TOKEN": TOKEN})
+    mma, mms, shim = start_reference_stack(tmp_path, TOKEN,
+                                           ejection={"base_ejection_ms": 1000})
     yield {"mma": mma, "mms": mms}, shim
     shim.stop()
     for backend in (mma, mms):
@@ -213,7 +165,7 @@ def test_ownership_soak_never_two_owners(stack, tmp_path: Path) -> None:
     seed = int(os.environ.get("MMSHIM_SOAK_SEED", str(random.randrange(1 << 30))))
     print(f"soak seed {seed}, {SOAK_S:g} s")
     rng = random.Random(seed)
-    watcher = Watcher(backends)
+    watcher = OverlapWatcher(backends["mma"], backends["mms"])
     faults = Faults(shim, backends, random.Random(seed + 1), tmp_path)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     load = Load(ctx, shim.endpoint, clients=6, deadline_s=20.0, payload=payload(rng),
@@ -228,12 +180,9 @@ def test_ownership_soak_never_two_owners(stack, tmp_path: Path) -> None:
     finally:
         faults.stop.set()
         fault_thread.join(30)
-        # After the faults: let the watcher look at a settled system for a moment.
-        settle = time.monotonic() + 2.0
-        while time.monotonic() < settle and not watcher.overlaps:
-            watcher.stop.wait(0.05)
-        watcher.stop.set()
-        watcher.join(10)
+        # After the faults: the watcher looks at the settled system too (rounds, not time).
+        watcher.wait_looks(20)
+        watcher.stop()
         ctx.destroy(linger=0)
     status = admin(shim, "status")
     own = status.get("ownership", {})

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from shim.compare import (
     split_noise,
 )
 from shim.config import decode_config
-from shim.difflog import DiffLog, RotatingWriter, Tally, log_files, read_records
+from shim.difflog import DiffLog, Tally, log_files, read_records
 from shim.errors import ConfigError, PatternError
 
 
@@ -114,9 +113,11 @@ def test_paths_format_and_parse_round_trip() -> None:
         "models[model_id=phi-2].loaded"
     assert generalize(("models", 3, "type")) == "models[*].type"
     assert format_path(()) == "$"
-    for bad in ["a..b", "a.", ".a", "a[", "a]b"]:
+    for bad in ["a..b", "a.", ".a", "a[", "a]b", 'a["\\x"]']:  # the last: a bad escape
         with pytest.raises(PatternError):
             parse_pattern(bad)
+    assert parse_pattern('a["caf\\u00e9 \\"x\\""]') == ("a", 'café "x"')
+    assert parse_pattern(format_path(("a", "b.c é"))) == ("a", "b.c é")
 
 
 def test_noise_from_the_secondary_is_split_off() -> None:
@@ -192,15 +193,24 @@ def test_sample_is_sticky_per_key_and_near_the_percentage() -> None:
 
 # -- the diff log ----------------------------------------------------------------------
 
+def write_records(path: Path, records: list[dict[str, Any]], max_bytes: int,
+                  backups: int) -> DiffLog:
+    """Write ``records`` through a DiffLog and close it (everything is on disk after)."""
+    log = DiffLog(path, max_bytes=max_bytes, backups=backups, tally_s=60, payloads=True)
+    for record in records:
+        log.write(record)
+    log.close()
+    assert (log.written, log.dropped, log.write_errors) == (len(records), 0, 0)
+    return log
+
+
 def test_rotation_keeps_size_bounded_and_drops_the_oldest(tmp_path: Path) -> None:
     path = tmp_path / "diffs.jsonl"
-    writer = RotatingWriter(path, max_bytes=1000, backups=2)
-    for i in range(100):
-        writer.write(json.dumps({"n": i, "pad": "x" * 80}))
-    writer.close()
+    write_records(path, [{"n": i, "pad": "x" * 80} for i in range(100)], 1000, 2)
     files = log_files(path)
     assert [f.name for f in files] == ["diffs.jsonl.2", "diffs.jsonl.1", "diffs.jsonl"]
     assert all(f.stat().st_size <= 1000 for f in files)
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
     kept = [r["n"] for r in read_records(path)]
     assert kept == list(range(kept[0], 100))  # oldest first, contiguous, newest kept
     assert kept[0] > 0  # the oldest were dropped
@@ -209,10 +219,7 @@ def test_rotation_keeps_size_bounded_and_drops_the_oldest(tmp_path: Path) -> Non
 
 def test_rotation_without_backups_truncates(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
-    writer = RotatingWriter(path, max_bytes=300, backups=0)
-    for i in range(20):
-        writer.write(json.dumps({"n": i, "pad": "y" * 40}))
-    writer.close()
+    write_records(path, [{"n": i, "pad": "y" * 40} for i in range(20)], 300, 0)
     assert log_files(path) == [path]
     assert path.stat().st_size <= 300
     assert [r["n"] for r in read_records(path)][-1] == 19
@@ -221,12 +228,10 @@ def test_rotation_without_backups_truncates(tmp_path: Path) -> None:
 def test_reopened_log_appends_and_rotates_on_its_real_size(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text('{"n": -1}\n' * 20)  # 200 bytes from an earlier run
-    writer = RotatingWriter(path, max_bytes=250, backups=1)
-    for i in range(10):
-        writer.write(json.dumps({"n": i}))
-    writer.close()
+    write_records(path, [{"n": i} for i in range(10)], 250, 1)
     assert (tmp_path / "d.jsonl.1").exists()
     assert all(f.stat().st_size <= 250 for f in log_files(path))
+    assert [r["n"] for r in read_records(path)][-1] == 9
 
 
 def test_torn_lines_are_skipped_on_read(tmp_path: Path) -> None:

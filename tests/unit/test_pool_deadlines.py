@@ -16,6 +16,7 @@ from shim.errors import BackendTimeout
 from shim.metrics import Metrics
 from shim.pool import BackendPool
 from tests.procs import free_port
+from tests.reliability.helpers import wait_until_async
 
 
 async def test_requests_expire_at_their_own_deadlines_in_order(
@@ -49,15 +50,16 @@ async def test_requests_expire_at_their_own_deadlines_in_order(
             ident, corr, empty, payload = backend.recv_multipart()
             if payload == b"answered":
                 backend.send_multipart([ident, corr, empty, b"reply"])
-        while len(ended) < 4:
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: len(ended) >= 4, 10.0, lambda: f"4 ended, {ended}")
         print(f"\n  ended (name, s after sending): {[(n, round(t, 3)) for n, t in ended]}")
         assert [n for n, _ in ended] == ["answered", "fast", "middle", "slow"]
         assert outcome == {"answered": "reply", "fast": "timeout", "middle": "timeout",
                            "slow": "timeout"}
         deadlines = {"fast": 0.2, "middle": 0.4, "slow": 0.6}
         for name, at in ended[1:]:
-            assert deadlines[name] - 0.002 <= at < deadlines[name] + 0.15, (name, at)
+            # Never early; late only by scheduling noise (a coarse or lost timer would be
+            # seconds late; the order above already says each fired in its turn).
+            assert deadlines[name] - 0.002 <= at < deadlines[name] + 1.0, (name, at)
         assert pool.inflight == 0
         # No bucket lingers once everything is settled; a new request still gets its timer.
         assert not pool._due
