@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import msgspec
 import zmq
 
-from shim import dialects
+from shim import dialects, fastpath
 from shim.backlog import Backlog
 from shim.catalogue import load_catalogue
 from shim.config import ShimConfig
@@ -97,6 +97,8 @@ class Proxy:
     def __init__(self, cfg: ShimConfig, loop: asyncio.AbstractEventLoop,
                  ctx: zmq.Context[zmq.Socket[bytes]], metrics: Metrics) -> None:
         self.cfg = cfg
+        #: The compiled data plane (shim.fastpath, issue 17) once installed, else None.
+        self.fastpath: fastpath.FastPath | None = None
         self.policy = cfg.policy
         self.runtime: Runtime = runtime_from_config(cfg)
         self.metrics = metrics
@@ -169,6 +171,7 @@ class Proxy:
                                 max_frame_bytes=cfg.shim.max_frame_bytes)
         metrics.export_counts(lambda: self.counts)
         self.set_runtime(self.runtime)
+        self.fastpath = fastpath.install(self)  # replaces the readers; None: pure Python
 
     def start(self) -> None:
         self._reader.start()
@@ -176,6 +179,8 @@ class Proxy:
     def set_runtime(self, rt: Runtime) -> None:
         """Swap the runtime config; requests already routed keep what they had."""
         self.runtime = rt
+        if self.fastpath is not None:
+            self.fastpath.push(rt)  # the core's tables change with the runtime, at once
         for name in self.pool.backends:
             self.metrics.weight.labels(name).set(rt.weights.get(name, 0.0))
 
@@ -617,7 +622,8 @@ class Proxy:
             self.connections.start_drain()
         while time.monotonic() < deadline:
             if self.listener_released:
-                self.connections.hang_up_answered(self._open)
+                self.connections.hang_up_answered(
+                    self._open if self.fastpath is None else self.fastpath.open_view(self._open))
                 if self.connections.open == 0 and not self._tasks and not self.backlog.bytes:
                     log.info("drained: every client connection closed after its reply")
                     return 0
@@ -650,6 +656,8 @@ class Proxy:
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the sockets; replies still queued get ``linger_ms`` to be sent."""
+        if self.fastpath is not None:
+            self.fastpath.close()
         self.backlog.drop_all()
         self.connections.close()
         self.close_frontend(linger_ms)
