@@ -356,12 +356,12 @@ class FastPath:
                 replies = [reply]
             else:
                 raise error
-        except RequestError as exc:
-            outcome = exc.code
+        except RequestError as exc:  # counted under backend "none", as Proxy._handle does
+            backend, outcome = "none", exc.code
             replies = proxy._error_frames(msg, exc.code, exc.message)
         except Exception as exc:  # a bug costs one error reply, never the shim
             log.exception("internal error finishing a compiled-path request")
-            outcome = Code.INTERNAL
+            backend, outcome = "none", Code.INTERNAL
             replies = proxy._error_frames(msg, outcome, f"internal error: {exc}")
         proxy.metrics.record_request(backend, self._label(row), outcome,
                                      time.perf_counter() - started)
@@ -417,10 +417,10 @@ class FastPath:
             self._timer.cancel()
             self._timer = None
         for item in self.core.cut_all():
-            envs, _payload, b, row, started, _deadline, _frames, fds = item
+            envs, _payload, _b, row, started, _deadline, _frames, fds = item
             self._sync()
-            self.proxy.metrics.record_request(self.names[b], self._label(row),
-                                              Code.SHUTTING_DOWN, time.perf_counter() - started)
+            self.proxy.metrics.record_request("none", self._label(row), Code.SHUTTING_DOWN,
+                                              time.perf_counter() - started)
             with contextlib.suppress(Exception):
                 msg = msgspec.json.decode(item[1])
                 self._answer(envs, fds, self.proxy._error_frames(
