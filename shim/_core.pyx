@@ -470,6 +470,7 @@ cdef class Core:
     cdef uint32_t inflight_n
     cdef uint64_t *heap     # (deadline order) slot index << 32 | gen, keyed by slot deadline
     cdef uint32_t heap_n
+    cdef uint32_t heap_cap
     cdef uint64_t *htab     # open addressing: slot index + 1, 0 empty; by payload hash
     cdef uint32_t hcap
     cdef uint64_t rng
@@ -513,7 +514,8 @@ cdef class Core:
         self.hcap = 4096
         self.htab = <uint64_t *>malloc(self.hcap * sizeof(uint64_t))
         memset(self.htab, 0, self.hcap * sizeof(uint64_t))
-        self.heap = <uint64_t *>malloc(self.nslots * sizeof(uint64_t))
+        self.heap_cap = 1024
+        self.heap = <uint64_t *>malloc(self.heap_cap * sizeof(uint64_t))
         if self.htab == NULL or self.heap == NULL:
             raise MemoryError()
 
@@ -546,11 +548,6 @@ cdef class Core:
             self.free_list[self.nfree] = i
             self.nfree += 1
         self.nslots = to
-        if self.heap != NULL:
-            hp = <uint64_t *>realloc(self.heap, to * sizeof(uint64_t))
-            if hp == NULL:
-                raise MemoryError()
-            self.heap = hp
         return 0
 
     # -- tables --------------------------------------------------------------------------
@@ -680,9 +677,30 @@ cdef class Core:
                 self._hput(i)
         return 0
 
-    cdef void _heap_push(self, uint64_t item) noexcept:
-        cdef uint32_t i = self.heap_n, parent
+    cdef int _heap_push(self, uint64_t item) except -1:
+        cdef uint32_t i, parent, kept
         cdef uint64_t tmp
+        cdef uint64_t *hp
+        if self.heap_n == self.heap_cap:
+            # Entries of requests already answered linger until they reach the top:
+            # drop them all when they are most of the heap, else make room.
+            kept = 0
+            for i in range(self.heap_n):
+                if self._hkey(self.heap[i]) >= 0:
+                    self.heap[kept] = self.heap[i]
+                    kept += 1
+            self.heap_n = kept
+            i = kept // 2
+            while i > 0:
+                i -= 1
+                self._sift_down(i)
+            if self.heap_n * 2 > self.heap_cap:
+                hp = <uint64_t *>realloc(self.heap, 2 * self.heap_cap * sizeof(uint64_t))
+                if hp == NULL:
+                    raise MemoryError()
+                self.heap = hp
+                self.heap_cap *= 2
+        i = self.heap_n
         self.heap[i] = item
         self.heap_n += 1
         while i > 0:
@@ -693,6 +711,23 @@ cdef class Core:
             self.heap[parent] = self.heap[i]
             self.heap[i] = tmp
             i = parent
+        return 0
+
+    cdef void _sift_down(self, uint32_t i) noexcept:
+        cdef uint32_t l, r, m
+        cdef uint64_t tmp
+        while True:
+            l, r, m = 2 * i + 1, 2 * i + 2, i
+            if l < self.heap_n and self._hkey(self.heap[l]) < self._hkey(self.heap[m]):
+                m = l
+            if r < self.heap_n and self._hkey(self.heap[r]) < self._hkey(self.heap[m]):
+                m = r
+            if m == i:
+                return
+            tmp = self.heap[m]
+            self.heap[m] = self.heap[i]
+            self.heap[i] = tmp
+            i = m
 
     cdef double _hkey(self, uint64_t item) noexcept:
         cdef Slot *s = &self.slots[item >> 32]
@@ -701,22 +736,10 @@ cdef class Core:
         return s.deadline
 
     cdef uint64_t _heap_pop(self) noexcept:
-        cdef uint64_t top = self.heap[0], tmp
-        cdef uint32_t i = 0, l, r, m
+        cdef uint64_t top = self.heap[0]
         self.heap_n -= 1
         self.heap[0] = self.heap[self.heap_n]
-        while True:
-            l, r, m = 2 * i + 1, 2 * i + 2, i
-            if l < self.heap_n and self._hkey(self.heap[l]) < self._hkey(self.heap[m]):
-                m = l
-            if r < self.heap_n and self._hkey(self.heap[r]) < self._hkey(self.heap[m]):
-                m = r
-            if m == i:
-                break
-            tmp = self.heap[m]
-            self.heap[m] = self.heap[i]
-            self.heap[i] = tmp
-            i = m
+        self._sift_down(0)
         return top
 
     def pump_frontend(self, int budget):

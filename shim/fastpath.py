@@ -132,20 +132,25 @@ class FastPath:
         self._thread = threading.get_ident()
         #: Requests the core forwarded itself (joins included), since the start.
         self.fast_requests = 0
+        self._scheduled = False
         # Replace the proxy's frontend reader and the pool's backend readers (same
-        # start/stop/kick interface as shim.sockets.BatchReader).
-        front = _Reader(self._loop, proxy.frontend, self._pump_front)
+        # start/stop/kick interface as shim.sockets.BatchReader); every one of them
+        # drives the one pump, which reads all the sockets (their read edges interact:
+        # a send on one may consume another's).
+        front = _Reader(self, proxy.frontend)
         proxy._reader = front  # type: ignore[assignment]
         self._front = front
+        self._active: list[int] = []
         for i, endpoint in enumerate(self._endpoints):
             if endpoint is None:
                 continue
             assert endpoint.reader is not None
             endpoint.reader.stop()
-            reader = _Reader(self._loop, endpoint.sock, lambda i=i: self._pump_back(i))
+            reader = _Reader(self, endpoint.sock)
             endpoint.reader = reader  # type: ignore[assignment]
             reader.start()
             self._readers.append(reader)
+            self._active.append(i)
         proxy.metrics.registry.register(_CoreCollector(self))
 
     # -- tables -----------------------------------------------------------------------
@@ -226,33 +231,49 @@ class FastPath:
 
     # -- pumps ------------------------------------------------------------------------
 
-    def _pump_front(self) -> bool:
-        """One batch from the frontend; True when the budget ran out (more may wait)."""
-        self._gate()
-        punted, read = self.core.pump_frontend(BATCH)
-        on_frames = self.proxy._on_frames
-        for message in punted:
-            on_frames(message)
-        self._after_batch()
-        for reader in self._readers:  # a send may have consumed a DEALER's read edge
-            reader.kick()
-        return bool(read >= BATCH)
+    def schedule(self) -> None:
+        """One pump on the next loop pass, however many sockets asked for it."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.pump)
 
-    def _pump_back(self, i: int) -> bool:
+    def pump(self) -> None:
+        """Read every socket the core drives until none has anything (or the budget is
+        spent: then again on the next loop pass, after other work)."""
+        self._scheduled = False
         self._gate()
-        foreign, resume, parked, read = self.core.pump_backend(i, BATCH)
-        if foreign:
-            endpoint = self._endpoints[i]
-            on_reply = self.proxy.pool._on_reply
-            for frames in foreign:
-                on_reply(endpoint, frames)  # type: ignore[arg-type]
-        for item in resume:
-            self._finish(item, None)
-        for frames, _fd in parked:  # the client's queue is full: in order, in the backlog
-            self.proxy.backlog.park(frames)
+        core = self.core
+        proxy = self.proxy
+        front = self._front._armed  # stopped by a drain's close, or not started yet
+        more = False
+        for _ in range(4):
+            punted, read = core.pump_frontend(BATCH) if front else ((), 0)
+            busy = read
+            more = read >= BATCH
+            if punted:
+                on_frames = proxy._on_frames
+                for message in punted:
+                    on_frames(message)
+            for i, reader in zip(self._active, self._readers, strict=True):
+                if not reader._armed:  # the pool is closed
+                    continue
+                foreign, resume, parked, read = core.pump_backend(i, BATCH)
+                busy += read
+                more = more or read >= BATCH
+                if foreign:
+                    endpoint = self._endpoints[i]
+                    on_reply = proxy.pool._on_reply
+                    for frames in foreign:
+                        on_reply(endpoint, frames)  # type: ignore[arg-type]
+                for item in resume:
+                    self._finish(item, None)
+                for frames, _fd in parked:  # the client's queue is full: the backlog
+                    proxy.backlog.park(frames)
+            if not busy or more:
+                break
         self._after_batch()
-        self._front.kick()
-        return bool(read >= BATCH)
+        if more:
+            self.schedule()
 
     def _after_batch(self) -> None:
         self._sync()
@@ -473,47 +494,34 @@ def _quiet(addon: object, rt: Runtime) -> bool:
 
 
 class _Reader:
-    """Drives one socket's pump from the loop; ``shim.sockets.BatchReader``'s interface
-    (``start``, ``stop``, ``kick``), so the proxy and pool use it unchanged."""
+    """One socket under the core: ``shim.sockets.BatchReader``'s interface (``start``,
+    ``stop``, ``kick``), so the proxy and pool use it unchanged; every event runs the
+    shared pump."""
 
-    __slots__ = ("_armed", "_fd", "_loop", "_pump", "_scheduled", "sock")
+    __slots__ = ("_armed", "_fast", "_fd", "sock")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: Any, pump: Any) -> None:
+    def __init__(self, fast: FastPath, sock: Any) -> None:
         import zmq
 
         self.sock = sock
+        self._fast = fast
         self._fd: int = sock.getsockopt(zmq.FD)
-        self._loop = loop
-        self._pump = pump
         self._armed = False
-        self._scheduled = False
 
     def start(self) -> None:
         if not self._armed:
-            self._loop.add_reader(self._fd, self._drain)
+            self._fast._loop.add_reader(self._fd, self._fast.pump)
             self._armed = True
-        self._schedule()
+        self._fast.schedule()
 
     def stop(self) -> None:
         if self._armed:
-            self._loop.remove_reader(self._fd)
+            self._fast._loop.remove_reader(self._fd)
             self._armed = False
 
     def kick(self) -> None:
         if self._armed:
-            self._schedule()
-
-    def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._drain)
-
-    def _drain(self) -> None:
-        self._scheduled = False
-        if not self._armed:
-            return
-        if self._pump():
-            self._schedule()
+            self._fast.schedule()
 
 
 class _CoreCollector:
