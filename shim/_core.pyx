@@ -1129,6 +1129,15 @@ cdef class Core:
         self.heap_n = 0
         return out
 
+    def cut_backend(self, int b):
+        """The requests in flight to backend ``b`` (its connection went), for Python."""
+        cdef uint32_t i
+        out = []
+        for i in range(self.nslots):
+            if self.slots[i].used and self.slots[i].backend == b:
+                out.append(self._resume(i, None))
+        return out
+
     def inflight_fds(self):
         """The client connections (ZMQ_SRCFD) with a request in flight, one per request."""
         cdef uint32_t i

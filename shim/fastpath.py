@@ -36,7 +36,7 @@ pure-Python data path; ``auto`` (default) uses the core when it is built.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import os
 import threading
@@ -52,6 +52,7 @@ from shim.dialects.ops import Kind
 from shim.errors import (
     BackendBadReply,
     BackendError,
+    BackendLost,
     BackendTimeout,
     Code,
     RequestError,
@@ -148,6 +149,10 @@ class FastPath:
             endpoint.reader.stop()
             reader = _Reader(self, endpoint.sock)
             endpoint.reader = reader  # type: ignore[assignment]
+            if endpoint.monitor_reader is not None:  # see _on_monitor
+                seen = endpoint.monitor_reader._on_message
+                endpoint.monitor_reader._on_message = functools.partial(
+                    self._on_monitor, i, seen)
             reader.start()
             self._readers.append(reader)
             self._active.append(i)
@@ -302,6 +307,23 @@ class FastPath:
                                                 Code.SHUTTING_DOWN), cut=True)
             self._sync()
 
+    def _on_monitor(self, i: int, seen: Any, frames: list[bytes]) -> None:
+        """After the pool's own handling of a monitor event: a backend connection that
+        went fails the core's requests on it at once, as ``BackendPool._fail_endpoint``
+        fails its own (BackendLost, then failover where the rule allows)."""
+        seen(frames)
+        endpoint = self._endpoints[i]
+        if endpoint is None or endpoint.connected or not self.core.inflight_of(i):
+            return
+        name = self.names[i]
+        lost = self.core.cut_backend(i)
+        if lost:
+            self.proxy.pool.backends[name].record_failure()
+        for item in lost:
+            self._finish(item, BackendLost(
+                f"backend {name} went away with the request in flight"))
+        self._after_batch()
+
     # -- deadlines --------------------------------------------------------------------
 
     def _arm(self, at: float) -> None:
@@ -339,8 +361,14 @@ class FastPath:
                 proxy.metrics.record_request(name, self._label(row), "ok",
                                              time.perf_counter() - started)
                 return
+        if cut:  # shutting down: answered now, before the frontend closes
+            msg = _decode_or_none(payload)
+            self._answer(envs, fds, proxy._error_frames(msg, error.code, error.message))
+            proxy.metrics.record_request("none", self._label(row), error.code,
+                                         time.perf_counter() - started)
+            return
         task = self._loop.create_task(
-            self._after_error(envs, fds, payload, name, row, started, deadline, error, cut))
+            self._after_error(envs, fds, payload, name, row, started, deadline, error))
         proxy._tasks.add(task)
         task.add_done_callback(proxy._tasks.discard)
 
@@ -360,7 +388,7 @@ class FastPath:
 
     async def _after_error(self, envs: list[list[bytes]], fds: list[int], payload: bytes,
                            name: str, row: int, started: float, deadline: float,
-                           error: RequestError, cut: bool) -> None:
+                           error: RequestError) -> None:
         """The rest of ``Proxy._forward`` after the first attempt failed: fail over to the
         other candidates when the rule allows, else the error in the caller's shape."""
         proxy = self.proxy
@@ -371,7 +399,7 @@ class FastPath:
             op = dialects.parse_request(msg, proxy.policy)
             rule = rt.rules[op.kind.value]
             rest = [n for n in rt.table.names if n != name]
-            if not cut and isinstance(error, BackendError) and rule.failover and rest:
+            if isinstance(error, BackendError) and rule.failover and rest:
                 proxy.metrics.failovers.labels(name, rest[0]).inc()
                 backend, reply = await proxy._forward(op, payload, rest, rule, deadline)
                 replies = [reply]
@@ -438,14 +466,16 @@ class FastPath:
             self._timer.cancel()
             self._timer = None
         for item in self.core.cut_all():
-            envs, _payload, _b, row, started, _deadline, _frames, fds = item
-            self._sync()
-            self.proxy.metrics.record_request("none", self._label(row), Code.SHUTTING_DOWN,
-                                              time.perf_counter() - started)
-            with contextlib.suppress(Exception):
-                msg = msgspec.json.decode(item[1])
-                self._answer(envs, fds, self.proxy._error_frames(
-                    msg, Code.SHUTTING_DOWN, "the shim shut down before a reply came"))
+            self._finish(item, RequestError("the shim shut down before a reply came",
+                                            Code.SHUTTING_DOWN), cut=True)
+        self._sync()
+
+
+def _decode_or_none(payload: bytes) -> Any:
+    try:
+        return msgspec.json.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
 
 
 def _add_requests(metrics: Any, backend: str, action: str, n: int, seconds: float,

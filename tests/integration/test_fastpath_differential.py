@@ -27,7 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shim import fastpath
-from tests.reliability.helpers import metric, settled_counts, start_ready, sticky_key_for
+from tests.reliability.helpers import (
+    fake_counts,
+    metric,
+    settled_counts,
+    start_ready,
+    sticky_key_for,
+    wait_until,
+)
 from tests.reliability.test_fuzz import FRAMES, REQUESTS
 from tests.shimproc import Fake, ShimProc, dealer, shim_config, start_fake
 
@@ -85,12 +92,12 @@ class Pair:
 
 
 def _start_pair(tmp_path: Path, backends: dict[str, Fake], weights: dict[str, float],
-                **sections: Any) -> Pair:
+                timeout_ms: int = 1500, **sections: Any) -> Pair:
     shims = []
     for switch in ("auto", "off"):
         cfg = shim_config(backends, tmp_path / switch, routing={
             "weights": weights, "sticky_key": "user"}, **sections)
-        cfg["shim"].update(max_request_bytes=4096, default_timeout_ms=1500,
+        cfg["shim"].update(max_request_bytes=4096, default_timeout_ms=timeout_ms,
                            opaque_backend=next(iter(backends)))
         (tmp_path / switch).mkdir(exist_ok=True)
         os.environ["MMSHIM_FASTPATH"] = switch  # inherited by the shim process
@@ -258,6 +265,37 @@ def test_bad_backend_replies(tmp_path: Path, mode: str) -> None:
     try:
         for i in range(3):
             assert_same(c, [f"b{i}".encode(), b"", b'{"action": "generate", "prompt": "p"}'])
+    finally:
+        c.close()
+        try:
+            assert_same_metrics(p)
+        finally:
+            _stop(p)
+
+
+def test_backend_gone_with_requests_in_flight(tmp_path: Path) -> None:
+    """A backend that goes away with requests in flight: in both shims they fail over to
+    the other backend at once (BackendLost), long before their deadline."""
+    backends = {"slow": start_fake("X", delay_ms=30_000), "good": start_fake("G")}
+    p = _start_pair(tmp_path, backends, {"slow": 100, "good": 0}, timeout_ms=8000)
+    c = Clients(p)
+    try:
+        body = b'{"action": "generate", "prompt": "p%d"}'
+        for sock in (c.fast, c.slow):
+            for i in range(5):
+                sock.send_multipart([b"g%d" % i, b"", body % i])
+        wait_until(lambda: fake_counts(backends["slow"]).get("generate", 0) >= 10, 10.0,
+                   "the slow backend holding all ten requests")
+        backends["slow"].kill()
+        replies = {}
+        for name, sock in (("fast", c.fast), ("slow", c.slow)):
+            got = []
+            for _ in range(5):
+                assert sock.poll(int(REPLY_S * 1000)), f"{name}: no failover reply"
+                got.append(masked(sock.recv_multipart()))
+            replies[name] = sorted(got)
+        assert replies["fast"] == replies["slow"]
+        assert all(b'"response_text": "G"' in r[2] for r in replies["fast"]), replies
     finally:
         c.close()
         try:
