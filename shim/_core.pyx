@@ -473,6 +473,7 @@ cdef class Core:
     cdef uint32_t heap_cap
     cdef uint64_t *htab     # open addressing: slot index + 1, 0 empty; by payload hash
     cdef uint32_t hcap
+    cdef uint32_t htomb     # tombstones in htab (a rehash clears them)
     cdef uint64_t rng
     # counters (read by Python per batch and at scrape time; see ``take_counts``)
     cdef uint64_t n_requests, n_replies, n_unroutable, n_joins
@@ -659,6 +660,7 @@ cdef class Core:
         while self.htab[k] != 0:
             if self.htab[k] == idx + 1:
                 self.htab[k] = <uint64_t>-1  # a tombstone
+                self.htomb += 1
                 return
             k = (k + 1) & mask
 
@@ -672,6 +674,7 @@ cdef class Core:
             raise MemoryError()
         memset(self.htab, 0, cap * sizeof(uint64_t))
         self.hcap = cap
+        self.htomb = 0
         for i in range(self.nslots):
             if self.slots[i].used:
                 self._hput(i)
@@ -880,7 +883,8 @@ cdef class Core:
             self.inflight_n += 1
             self.n_inflight_b[b] += 1
             if self.dedup:
-                if 2 * (self.inflight_n + 1) > self.hcap:
+                # at most half full, tombstones included: a probe always ends
+                if 2 * (self.inflight_n + 1 + self.htomb) > self.hcap:
                     self._rehash()
                 self._hput(idx)
             self._heap_push((<uint64_t>idx << 32) | s.gen)

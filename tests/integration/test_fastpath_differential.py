@@ -302,3 +302,33 @@ def test_backend_gone_with_requests_in_flight(tmp_path: Path) -> None:
             assert_same_metrics(p)
         finally:
             _stop(p)
+
+
+def test_many_in_flight(tmp_path: Path) -> None:
+    """Thousands of distinct requests pipelined through the core (more than its initial
+    tables hold: slots, the deadline heap and the duplicate index all grow and reuse
+    their entries): every one answered once, the books balance."""
+    backends = {"mma": start_fake("A"), "mma2": start_fake("B")}
+    pair = _start_pair(tmp_path, backends, {"mma": 50, "mma2": 50})
+    ctx = zmq.Context()
+    sock = dealer(ctx, pair.fast.endpoint)
+    total, window, sent, got = 6000, 200, 0, 0
+    seen: set[bytes] = set()
+    try:
+        while got < total:
+            while sent < total and sent - got < window:
+                sock.send_multipart([b"m%d" % sent, b"",
+                                     b'{"action": "generate", "prompt": "n%d"}' % sent])
+                sent += 1
+            assert sock.poll(int(REPLY_S * 1000)), f"stuck after {got} replies"
+            reply = sock.recv_multipart()
+            assert reply[0] not in seen and b'"status": "ok"' in reply[2], reply
+            seen.add(reply[0])
+            got += 1
+        counts = settled_counts(pair.fast)
+        assert counts["requests"] == counts["replies"] + counts["unroutable"]
+        assert metric(pair.fast.metrics(), "shim_fastpath_requests_total") >= total
+    finally:
+        sock.close(0)
+        ctx.term()
+        _stop(pair)
