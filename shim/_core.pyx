@@ -462,6 +462,10 @@ cdef class Core:
     cdef int enabled
     cdef uint8_t healthy[MAX_BACKENDS]
     cdef int punt_replies
+    # per action row: may every backend with a share of the buckets take it fast now?
+    # (a request routed by a random bucket goes fast only then: were it punted for the
+    # backend its draw picked, Python would draw again and skew the split)
+    cdef uint8_t all_ok[MAX_ACTIONS]
     # in flight
     cdef Slot *slots
     cdef uint32_t nslots
@@ -586,6 +590,20 @@ cdef class Core:
         self.nbounds = len(bounds)
         self.sticky_key = sticky_key
         self.bucket_of = bucket_of
+        self._all_ok()
+
+    cdef void _all_ok(self) noexcept:
+        cdef int row, i, b, low
+        for row in range(MAX_ACTIONS):
+            self.all_ok[row] = 1
+            low = 0
+            for i in range(self.nbounds):
+                b = self.table_backend[i]
+                if self.bounds[i] > low and (
+                        b < 0 or b >= self.nbackends or self.backs[b] == NULL
+                        or not self.ok[row][b] or self.healthy[b] < self.ok[row][b]):
+                    self.all_ok[row] = 0
+                low = self.bounds[i]
 
     def set_gate(self, bint enabled, bytes healthy, bint punt_replies):
         """Per batch: whether anything may go fast now (no addon needs to see requests,
@@ -596,6 +614,7 @@ cdef class Core:
         for j in range(self.nbackends):
             self.healthy[j] = healthy[j] if j < len(healthy) else 0
         self.punt_replies = punt_replies
+        self._all_ok()
 
     # -- the frontend --------------------------------------------------------------------
 
@@ -802,10 +821,11 @@ cdef class Core:
                             PyBytes_GET_SIZE(self.sticky_key), &f) \
                             and f.action_kind == 1 and not f.punt_key:
                         row = self._action_row(f.action, f.action_len)
-                        if row >= 0:
+                        if row >= 0 and (f.sticky_kind != 0 or self.all_ok[row]):
                             b = self._choose(&f)
                             if b < 0 or b >= self.nbackends or not self.ok[row][b] \
-                                    or not self.healthy[b] or self.backs[b] == NULL:
+                                    or self.healthy[b] < self.ok[row][b] \
+                                    or self.backs[b] == NULL:
                                 b = -1
             if b < 0:
                 frames = []
