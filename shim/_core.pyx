@@ -74,6 +74,7 @@ DEF NLAT = 14            # shim.metrics.LATENCY_BUCKETS + the +Inf bucket
 DEF MAX_BACKENDS = 16
 DEF MAX_ACTIONS = 16
 DEF CORR_MARK = 0x8000000000000000  # the core's ids; the pool counts up from 1
+DEF HOLD_MAX = 1048576   # bytes handed up to Python per call, at most (one message over it)
 
 cdef double LAT_BOUNDS[13]
 LAT_BOUNDS[:] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -772,7 +773,7 @@ cdef class Core:
         cdef zmq_msg_t extra
         cdef int nf, rc, more, overflow, fd, row, b, k, dup
         cdef int read = 0
-        cdef size_t plen, total, off
+        cdef size_t plen, total, off, held = 0
         cdef const uint8_t *pay
         cdef Fields f
         cdef uint32_t idx
@@ -842,6 +843,11 @@ cdef class Core:
                             <const char *>z_msg_data(&extra), z_msg_size(&extra)))
                         z_msg_close(&extra)
                 punted.append((frames, fd))
+                for k in range(len(frames)):
+                    held += PyBytes_GET_SIZE(frames[k])
+                if held > HOLD_MAX:  # Python handles these before more is read
+                    read = budget
+                    break
                 continue
             self.n_requests += 1
             # the envelope, kept for the reply
@@ -977,7 +983,7 @@ cdef class Core:
         cdef const uint8_t *c
         cdef Slot *s
         cdef Env *e
-        cdef size_t off, rlen
+        cdef size_t off, rlen, held = 0
         cdef double t
         cdef void *sock = self.backs[b]
         foreign = []
@@ -1017,6 +1023,11 @@ cdef class Core:
                         <const char *>z_msg_data(&extra), z_msg_size(&extra)))
                     z_msg_close(&extra)
                 foreign.append(frames)
+                for k in range(len(frames)):
+                    held += PyBytes_GET_SIZE(frames[k])
+                if held > HOLD_MAX:
+                    read = budget
+                    break
                 continue
             idx = <uint32_t>(corr & 0xFFFFFFFF)
             gen = <uint32_t>((corr >> 32) & 0x7FFFFFFF)
@@ -1049,6 +1060,11 @@ cdef class Core:
                         <const char *>z_msg_data(&extra), z_msg_size(&extra)))
                     z_msg_close(&extra)
                 resume.append(self._resume(idx, frames))
+                for k in range(len(frames)):
+                    held += PyBytes_GET_SIZE(frames[k])
+                if held > HOLD_MAX:
+                    read = budget
+                    break
                 continue
             z_msg_close(&msgs[0])
             z_msg_close(&msgs[1])
@@ -1079,6 +1095,7 @@ cdef class Core:
                     # The client's queue is full (shim.peer_send_hwm): Python's backlog.
                     parked.append((self._env_frames(e) + [PyBytes_FromStringAndSize(
                         <const char *>z_msg_data(&msgs[2]), rlen)], e.fd))
+                    held += rlen
                 else:
                     self.n_unroutable += 1  # ROUTER_MANDATORY: the client has gone
                 e = e.next
@@ -1092,6 +1109,9 @@ cdef class Core:
                 k += 1
             self.lat_buckets[s.action][b][k] += 1  # per bucket, as prometheus-client keeps
             self._free_slot(idx, 1)
+            if held > HOLD_MAX:  # replies waiting for the backlog: Python first
+                read = budget
+                break
         return foreign, resume, parked, read
 
     cdef Env *_reverse(self, Slot *s) noexcept:
