@@ -17,7 +17,8 @@ MODELS := models/tiny.ngram models/base.ngram
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# setup.py and shim/_core.pyx: the compiled data plane is rebuilt by the same install.
+$(STAMP): pyproject.toml setup.py shim/_core.pyx
 	@test -x $(PY) || { echo "make: creating the virtualenv $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	@echo "make: installing mmshim and its [$(EXTRAS)] extras into $(VENV) (first run, or pyproject.toml changed)"
 	$(PY) -m pip install --progress-bar on -e '.[$(EXTRAS)]'

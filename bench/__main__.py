@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                           dealer_s=0.8 if args.quick else 1.0,
                           req_s=1.0 if args.quick else 2.0, log=eprint)
         summary = report.summarize(bench.scenarios)
-        tg = report.targets(summary, rss)
+        tg = report.targets(summary, rss, e2e)
         elapsed = time.monotonic() - started
         print()
         print(report.tables(summary, s))

@@ -46,7 +46,7 @@ def _wait_health(ctx: zmq.Context[zmq.Socket[bytes]], proc: Proc, endpoint: str,
 
 def run_e2e(group: ProcGroup, work: Path, *, rounds: int, dealer_s: float, req_s: float,
             log: Callable[[str], None]) -> dict[str, Any]:
-    """Start both reference backends and two shims, alternate the four scenarios."""
+    """Start both reference backends and three shims, alternate the five scenarios."""
     missing = [m for m in ("mma", "mms") if not (ROOT / "backends" / f"{m}.py").exists()]
     if missing:
         return {"skipped": f"reference backend module(s) not there yet: "
@@ -77,22 +77,28 @@ def run_e2e(group: ProcGroup, work: Path, *, rounds: int, dealer_s: float, req_s
             ("MMS direct (MMS request)", f"tcp://127.0.0.1:{ports['mms'][0]}", mms_req,
              procs["mms"].pid),
         ]
-        for name, weights in (("shim -> MMA (passed)", {"mma": 100, "mms": 0}),
-                              ("shim -> MMS (translated)", {"mma": 0, "mms": 100})):
-            key = "e2e-" + ("mma" if weights["mma"] else "mms")
+        # The defaults keep model ownership on, which sees every generate in Python; the
+        # compiled core (issue 17) carries passed-through generates only without it.
+        for name, weights, owned in (
+                ("shim -> MMA (passed)", {"mma": 100, "mms": 0}, True),
+                ("shim -> MMA (passed, no ownership)", {"mma": 100, "mms": 0}, False),
+                ("shim -> MMS (translated)", {"mma": 0, "mms": 100}, True)):
+            key = "e2e-" + ("mma" if weights["mma"] else "mms") + ("" if owned else "-free")
             cfg = {"shim": {"listen": f"tcp://127.0.0.1:{free_port()}",
                             "health": f"tcp://127.0.0.1:{free_port()}",
                             "metrics": f"127.0.0.1:{free_port()}",
                             "admin": f"tcp://127.0.0.1:{free_port()}",
                             "state_file": str(work / f"{key}-state.json")},
                    "backends": backends, "routing": {"weights": weights},
-                   "policy": POLICY, "shadow": {"diff_log": str(work / f"{key}-diffs.jsonl")}}
+                   "policy": POLICY, "shadow": {"diff_log": str(work / f"{key}-diffs.jsonl")},
+                   "ownership": {"enabled": owned}}
             shim = start_shim(group, work, key, cfg)
             try:
                 wait_serving(ctx, shim, mma_req, timeout_s=30.0)
             except RuntimeError as exc:
                 return {"skipped": f"shim for the end-to-end scenario did not start: {exc}"}
-            scenarios.insert(1 if weights["mma"] else 3, (name, shim.endpoint, mma_req, shim.pid))
+            scenarios.insert(len(scenarios) - 1 if weights["mma"] else len(scenarios),
+                             (name, shim.endpoint, mma_req, shim.pid))
         results: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in scenarios}
         for r in range(rounds):
             order = scenarios[r % len(scenarios):] + scenarios[:r % len(scenarios)]

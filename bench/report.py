@@ -70,8 +70,14 @@ def summarize(scenarios: list[Scenario]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def targets(summary: dict[str, dict[str, Any]], rss: dict[str, Any]) -> Targets:
-    """The issue's four targets, each with its figure, limit and verdict."""
+#: The end-to-end scenario the compiled core carries (bench.e2e: ownership off, so
+#: generates are passed through without Python).
+E2E_PASSED = "shim -> MMA (passed, no ownership)"
+
+
+def targets(summary: dict[str, dict[str, Any]], rss: dict[str, Any],
+            e2e: dict[str, Any] | None = None) -> Targets:
+    """The targets (the first round's and issue 17's), each with figure, limit, verdict."""
     t: Targets = []
 
     def add(name: str, value: float | None, limit: float, ok: bool | None, detail: str) -> None:
@@ -93,6 +99,24 @@ def targets(summary: dict[str, dict[str, Any]], rss: dict[str, Any]) -> Targets:
         add(f"added REQ p50 <= 1.5 x zmq.proxy's ({what})", x, 1.5,
             None if x is None else x <= 1.5,
             f"shim +{_n(d.get('req_added_p50_us'))} us vs zmq.proxy +{_n(zp)} us over direct")
+    for key, what in (("shim-split", "split mma+mma"), ("shim-xlate", "split mma+MMS xlate"),
+                      ("shim-shadow", "shadow, 100 % mirrored")):
+        d = summary.get(key, {})
+        x = d.get("cpu_us_per_req_x")
+        zp = summary.get("zmq.proxy", {}).get("cpu_us_per_req")
+        add(f"shim CPU/req <= 2 x zmq.proxy's ({what})", x, 2.0,
+            None if x is None else x <= 2.0,
+            f"{_n(d.get('cpu_us_per_req'), 1)} us vs zmq.proxy {_n(zp, 1)} us per request")
+    e2e_summary = (e2e or {}).get("summary", {})
+    direct = e2e_summary.get("MMA direct", {})
+    for name in (E2E_PASSED, "shim -> MMA (passed)"):
+        d = e2e_summary.get(name)
+        x = (d["dealer_rate"] / direct["dealer_rate"]
+             if d and direct.get("dealer_rate") else None)
+        add(f"end to end >= 0.97 x MMA direct ({name.removeprefix('shim -> ')})", x, 0.97,
+            None if x is None else x >= 0.97,
+            f"{_n(d.get('dealer_rate') if d else None)} req/s vs direct "
+            f"{_n(direct.get('dealer_rate'))} req/s, real n-gram generation")
     stalled, base = summary.get("shim-stalled", {}), summary.get("shim-noshadow", {})
     x = stalled.get("req_p99_us_vs_noshadow")
     note = stalled.get("note", "")

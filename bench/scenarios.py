@@ -211,6 +211,10 @@ class Bench:
             if sc.shadow_counter:
                 n = loadgen.count_received(self.ctx, sc.shadow_counter)
                 sc.note = _shadow_note(n, sc.served)
+            if sc.shim is not None:
+                share = _core_share(sc.shim.metrics_text())
+                if share:
+                    sc.note = "; ".join(x for x in (sc.note, share) if x)
 
     # -- RSS --------------------------------------------------------------------------
 
@@ -245,6 +249,20 @@ class Bench:
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)
+
+
+def _core_share(metrics: str) -> str:
+    """How much of a shim's traffic the compiled core (shim.fastpath) carried."""
+    def total(name: str, suffix: str = "") -> float:
+        return sum(float(line.rpartition(" ")[2]) for line in metrics.splitlines()
+                   if line.startswith(name) and line[len(name):len(name) + 1] in "{ "
+                   and suffix in line)
+
+    requests = total("shim_frontend_total", 'kind="requests"')
+    if not requests:
+        return ""
+    fast = total("shim_fastpath_requests_total")
+    return f"compiled core carried {fast / requests:.0%} of {requests:,.0f} requests"
 
 
 def _shadow_note(received: int | None, served: int) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from shim import dialects
+from shim import dialects, fastpath
 from shim.addons.base import AddonManager, Flow
 from shim.backlog import Backlog
 from shim.catalogue import load_catalogue
@@ -414,6 +414,11 @@ class Proxy:
         #: Which backend served each conversation (the data path's; status reads it).
         self.conversations = self.path.conversations
         metrics.export_counts(lambda: self.counts)
+        #: The compiled data plane (shim.fastpath, issue 17): it takes over reading the
+        #: sockets and hands up what needs Python; None: the pure-Python path.
+        self.fastpath: fastpath.FastPath | None = fastpath.install(self)
+        if self.fastpath is not None:  # the core's tables change with every swap, at once
+            store.subscribe(lambda old, new: self.fastpath.push(new) if self.fastpath else None)
 
     def start(self) -> None:
         self._reader.start()
@@ -555,7 +560,8 @@ class Proxy:
             self.connections.start_drain()
         while time.monotonic() < deadline:
             if self.listener_released:
-                self.connections.hang_up_answered(self._open)
+                self.connections.hang_up_answered(
+                    self._open if self.fastpath is None else self.fastpath.open_view(self._open))
                 if self.connections.open == 0 and not self._tasks and not self.backlog.bytes:
                     log.info("drained: every client connection closed after its reply")
                     return 0
@@ -588,6 +594,8 @@ class Proxy:
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the sockets; replies still queued get ``linger_ms`` to be sent."""
+        if self.fastpath is not None:
+            self.fastpath.close()  # answers what the core has in flight
         self.backlog.drop_all()
         self.connections.close()
         self.close_frontend(linger_ms)

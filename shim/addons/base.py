@@ -142,7 +142,7 @@ class Addon:
 _NO_WAITS: list[Awaitable[Any]] = []  # shared, never appended to
 
 #: Hook names a subclass may override (used to skip addons that do not).
-_HOOKS = ("admit", "route", "before_send", "after_send", "after_reply")
+HOOKS = ("admit", "route", "before_send", "after_send", "after_reply")
 
 
 class AddonManager:
@@ -156,11 +156,11 @@ class AddonManager:
         self._addons: list[Addon] = []
         self._on_error = on_error
         #: Per hook, the addons that override it (so a request skips the no-ops).
-        self._by_hook: dict[str, list[Addon]] = {h: [] for h in _HOOKS}
+        self._by_hook: dict[str, list[Addon]] = {h: [] for h in HOOKS}
 
     def add(self, addon: Addon) -> None:
         self._addons.append(addon)
-        for hook in _HOOKS:
+        for hook in HOOKS:
             if getattr(type(addon), hook) is not getattr(Addon, hook):
                 self._by_hook[hook].append(addon)
 

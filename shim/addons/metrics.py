@@ -33,6 +33,10 @@ class RequestMetrics(Addon):
         for name in self._backends:
             self._metrics.weight.labels(name).set(new.weights.get(name, 0.0))
 
+    def fastpath_quiet(self, rt: Runtime) -> bool:
+        """The compiled core keeps these counts itself (shim.fastpath adds them in)."""
+        return True
+
     def after_reply(self, flow: Flow) -> None:
         self._record(flow.served_by, flow.action, flow.outcome,
                      time.perf_counter() - flow.started)

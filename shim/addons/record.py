@@ -48,6 +48,7 @@ from shim.errors import CommandError
 from shim.logfile import PrivateRotatingFileHandler as CaptureFileHandler
 from shim.metrics import Metrics
 from shim.routing import in_sample
+from shim.runtime import Runtime
 
 log = logging.getLogger("mmshim.record")
 
@@ -242,6 +243,10 @@ class Recorder(Addon):
         detached = self._detach()  # no exchange is taken after this reply
         await asyncio.to_thread(self._close, *detached)  # draining the queue: off the loop
         return self.describe()
+
+    def fastpath_quiet(self, rt: Runtime) -> bool:
+        """While not recording it sees nothing: requests may skip Python (shim.fastpath)."""
+        return not self.active
 
     def describe(self) -> dict[str, Any]:
         """``{"active", "path", "percent", "max_bytes", "backups", "payloads", "queued",

@@ -57,7 +57,7 @@ from shim.difflog import DiffLog, Tally, log_files, read_records
 from shim.errors import BackendError, BackendTimeout, Unsupported, UnusableReply
 from shim.metrics import Metrics
 from shim.pool import BackendPool
-from shim.runtime import RuntimeStore, ShadowSettings
+from shim.runtime import Runtime, RuntimeStore, ShadowSettings
 from shim.transport import BAD_JSON, Answer, Transport, TransportLike, unusable_view
 
 log = logging.getLogger("mmshim.shadow")
@@ -222,6 +222,11 @@ class Shadow(Addon):
 
         tally = await asyncio.to_thread(read)
         return {"diff_log": path, "report": tally.as_json(top), "text": tally.format(top)}
+
+    def fastpath_quiet(self, rt: Runtime) -> bool:
+        """Outside shadow mode nothing is mirrored: requests may skip Python
+        (shim.fastpath)."""
+        return rt.mode != "shadow"
 
     def describe(self) -> dict[str, Any]:
         """For status replies: what the shadow is doing now."""

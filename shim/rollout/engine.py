@@ -616,6 +616,11 @@ class RolloutEngine(Addon):
 
     # -- what status shows ---------------------------------------------------------------------
 
+    def fastpath_quiet(self, rt: Runtime) -> bool:
+        """A running (or paused) rollout gathers gate evidence from every request; between
+        rollouts requests may skip Python (shim.fastpath)."""
+        return self.state is None or self.state.status not in ("running", "paused")
+
     def describe(self) -> dict[str, Any]:
         """The rollout for status replies and the status page (key "rollout")."""
         state, plan = self.state, self.plan

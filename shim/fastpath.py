@@ -1,0 +1,577 @@
+"""The compiled data plane's Python side (issue 17): tables in, punted work out.
+
+``shim._core`` (Cython) reads the frontend ROUTER and the backends' DEALERs itself and
+forwards, in C, every request it is sure about: one JSON object ``[identity..., b"",
+payload]`` in the legacy dialect's action form, whose action the tables below allow
+to go fast to the backend its bucket picks, without ``request_id`` (joins by id stay in
+Python), ``conversation_id`` (conversation stickiness) or ``command``. Everything else
+goes up to Python unchanged through one narrow interface:
+
+- client messages the core did not take: ``Proxy._on_frames((frames, fd))``, exactly as
+  the pure-Python reader would have delivered them;
+- backend replies whose correlation id is not the core's (ids with the top bit set are
+  the core's; the pool counts up from 1): ``BackendPool._on_reply(endpoint, frames)``;
+- the core's own requests that need Python to finish them (a reply it cannot vouch for
+  is a JSON object, a deadline that passed, a drain or shutdown that cuts them):
+  ``_finish`` here, which answers exactly as ``Proxy._forward`` / ``BackendPool`` would
+  have (failover included, by calling ``Proxy._forward`` with the other candidates).
+
+Tables: on every Runtime change (``push``) Python computes, per action, its deadline
+(shim.deadlines) and per backend whether a request of that action routed there may go
+fast (rule not pinned, not merged, no translation, one endpoint, a backend timeout no
+shorter than the deadline, and the health the rule needs); per batch (``_gate``) it
+says whether anything may go fast now: accepting, not draining, split mode, and every
+addon quiet (shadow off, recorder idle, no ownership addon, no unknown addon: those
+see every request in Python).
+
+Counters: the core counts requests, replies, joins, late replies and per (backend,
+action) latencies; they are added to ``proxy.counts`` and the existing Prometheus
+metrics (``shim_requests_total``, ``shim_request_latency_seconds``, ...) once per batch
+and at scrape time, never per request.
+
+Switch: ``MMSHIM_FASTPATH=off`` (environment) or a missing compiled module keeps the
+pure-Python data path; ``auto`` (default) uses the core when it is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from prometheus_client.core import CounterMetricFamily
+
+from shim import dialects
+from shim.addons.base import HOOKS, Addon, Flow
+from shim.dialects.ops import Kind
+from shim.errors import (
+    BackendBadReply,
+    BackendError,
+    BackendLost,
+    BackendTimeout,
+    Code,
+    RequestError,
+)
+from shim.routing import bucket_of
+from shim.runtime import Runtime
+
+if TYPE_CHECKING:
+    from shim.pool import Endpoint
+    from shim.proxy import Proxy
+
+try:
+    from shim import _core  # type: ignore[attr-defined]
+except ImportError:  # no compiler at install time, or a libzmq we cannot find
+    _core = None
+
+log = logging.getLogger("mmshim.fastpath")
+
+#: Messages read per socket per loop pass (as shim.sockets.BatchReader).
+BATCH = 256
+#: The legacy dialect's actions the core knows by name (shim.dialects.mma._ACTIONS):
+#: only generate may go fast; status is merged, clear_conversation answered locally.
+_FAST_KINDS = {Kind.GENERATE, Kind.OTHER}
+#: Action rows the core's table holds (_core.MAX_ACTIONS).
+_MAX_ROWS = 16
+
+
+def available() -> bool:
+    """Whether the compiled core is built and loaded."""
+    return _core is not None
+
+
+def wanted() -> bool:
+    """``MMSHIM_FASTPATH`` (``auto``, the default, or ``off``) and the core's presence."""
+    return os.environ.get("MMSHIM_FASTPATH", "auto").lower() != "off" and available()
+
+
+def install(proxy: Proxy) -> FastPath | None:
+    """Put the compiled core under ``proxy`` (before ``proxy.start()``); None when the
+    core is off or unavailable (the pure-Python path stays)."""
+    if not wanted():
+        return None
+    fast = FastPath(proxy)
+    fast.push(proxy.runtime)
+    return fast
+
+
+class FastPath:
+    """One per proxy: owns the ``_core.Core`` and the readers that drive it."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        assert _core is not None
+        self.proxy = proxy
+        self._loop = proxy._loop
+        pool = proxy.pool
+        self.names = list(pool.backends)
+        handles: list[int] = []
+        self._endpoints: list[Endpoint | None] = []
+        for name in self.names:
+            backend = pool.backends[name]
+            # The core sends to a backend with one endpoint only (the pool picks the
+            # least busy of several, which needs its own counts).
+            endpoint = backend.endpoints[0] if len(backend.endpoints) == 1 else None
+            self._endpoints.append(endpoint)
+            handles.append(endpoint.sock.underlying if endpoint is not None else 0)
+        cfg = proxy.cfg
+        self.core = _core.Core(proxy.frontend.underlying, handles, cfg.shim.max_request_bytes,
+                               cfg.shim.max_reply_bytes, cfg.dedup.enabled,
+                               cfg.dedup.bytes_window_ms / 1000)
+        #: Row -> (action label, rule name) of the tables in force.
+        self._rows: list[str] = []
+        self._synced_inflight = [0] * len(self.names)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._sentinel: asyncio.Future[None] | None = None
+        self._drain_seen = False
+        self._readers: list[_Reader] = []
+        self._thread = threading.get_ident()
+        #: Requests the core forwarded itself (joins included), since the start.
+        self.fast_requests = 0
+        self._scheduled = False
+        # Replace the proxy's frontend reader and the pool's backend readers (same
+        # start/stop/kick interface as shim.sockets.BatchReader); every one of them
+        # drives the one pump, which reads all the sockets (their read edges interact:
+        # a send on one may consume another's).
+        front = _Reader(self, proxy.frontend)
+        proxy._reader = front  # type: ignore[assignment]
+        self._front = front
+        self._active: list[int] = []
+        for i, endpoint in enumerate(self._endpoints):
+            if endpoint is None:
+                continue
+            assert endpoint.reader is not None
+            endpoint.reader.stop()
+            reader = _Reader(self, endpoint.sock)
+            endpoint.reader = reader  # type: ignore[assignment]
+            if endpoint.monitor_reader is not None:  # see _on_monitor
+                seen = endpoint.monitor_reader._on_message
+                endpoint.monitor_reader._on_message = functools.partial(
+                    self._on_monitor, i, seen)
+            reader.start()
+            self._readers.append(reader)
+            self._active.append(i)
+        proxy.metrics.registry.register(_CoreCollector(self))
+
+    # -- tables -----------------------------------------------------------------------
+
+    def push(self, rt: Runtime) -> None:
+        """New tables from ``rt``, installed at once (call on every Runtime swap)."""
+        proxy = self.proxy
+        table = rt.table
+        index = {name: i for i, name in enumerate(self.names)}
+        bounds = list(table.bounds)
+        owners = [index[n] for n in table.names]
+        named = dict(_named_actions())
+        for name in proxy.path._deadlines._names:  # unknown actions with a deadline of their own
+            named.setdefault(name, Kind.OTHER)
+        rows: list[tuple[bytes, int, bytes]] = []
+        labels: list[str] = []
+        for name, kind in named.items():
+            rows.append((name.encode(), proxy.path._deadlines.ms(rt, "action", name, kind.value),
+                         self._oks(rt, kind, name)))
+            labels.append(kind.value)
+        other: tuple[bytes, int, bytes] | None = None
+        if len(rows) + 1 < _MAX_ROWS:
+            other = (b"", proxy.path._deadlines.ms(rt, "action", None, Kind.OTHER.value),
+                     self._oks(rt, Kind.OTHER, None))
+            labels.append(Kind.OTHER.value)
+        else:  # more names than the core's table holds: those actions stay in Python
+            rows = [r for r, label in zip(rows, labels, strict=True)
+                    if label != Kind.OTHER.value][: _MAX_ROWS - 1]
+            labels = [label for label in labels if label != Kind.OTHER.value][: len(rows)]
+        sticky = (proxy.path._sticky_key or "").encode()
+        self.core.set_tables(bounds, owners, rows, other, sticky, bucket_of)
+        self._rows = labels
+
+    def _oks(self, rt: Runtime, kind: Kind, name: str | None) -> bytes:
+        """Per backend: 0 never fast; 1 fast when connected; 2 fast when healthy (a rule
+        with failover would otherwise try another backend first)."""
+        proxy = self.proxy
+        action = kind.value
+        rule = rt.rules.get(action)
+        if (rule is None or kind not in _FAST_KINDS or rule.pin or rt.mode != "split"
+                or (name is not None and name in dialects.MMS_ONLY_ACTIONS)):
+            return bytes(len(self.names))
+        deadline_ms = proxy.path._deadlines.ms(rt, "action", name, action)
+        out = bytearray()
+        for i, backend_name in enumerate(self.names):
+            backend = proxy.pool.backends[backend_name]
+            ok = (self._endpoints[i] is not None
+                  and (backend.dialect == dialects.LEGACY or not rule.translate)
+                  and backend.config.timeout_ms >= deadline_ms)
+            out.append(0 if not ok else 2 if rule.failover else 1)
+        return bytes(out)
+
+    def _gate(self) -> None:
+        """What may go fast in this batch (cheap: a few attribute reads per batch)."""
+        proxy = self.proxy
+        rt = proxy.runtime
+        draining = proxy.draining
+        if draining and not self._drain_seen:
+            self._drain_seen = True
+        enabled = (proxy.accepting and not draining and rt.mode == "split"
+                   and all(_quiet(a, rt) for a in proxy.addons))
+        health = bytearray()
+        for name in self.names:
+            backend = proxy.pool.backends[name]
+            health.append(2 if backend.healthy else 1 if backend.connected else 0)
+        self.core.set_gate(enabled, bytes(health),
+                           draining or bool(proxy.backlog.bytes))
+
+    def open_view(self, python_open: Mapping[int, int]) -> Mapping[int, int]:
+        """Requests in flight per client connection, Python's and the core's (for the
+        drain's ``hang_up_answered``)."""
+        if not self.core.inflight:
+            return python_open
+        merged = dict(python_open)
+        for fd in self.core.inflight_fds():
+            merged[fd] = merged.get(fd, 0) + 1
+        return merged
+
+    # -- pumps ------------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """One pump on the next loop pass, however many sockets asked for it."""
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.pump)
+
+    def pump(self) -> None:
+        """Read every socket the core drives until none has anything (or the budget is
+        spent: then again on the next loop pass, after other work)."""
+        self._scheduled = False
+        self._gate()
+        core = self.core
+        proxy = self.proxy
+        front = self._front._armed  # stopped by a drain's close, or not started yet
+        more = False
+        for _ in range(4):
+            punted, read = core.pump_frontend(BATCH) if front else ((), 0)
+            busy = read
+            more = read >= BATCH
+            if punted:
+                on_frames = proxy._on_frames
+                for message in punted:
+                    on_frames(message)
+            for i, reader in zip(self._active, self._readers, strict=True):
+                if not reader._armed:  # the pool is closed
+                    continue
+                foreign, resume, parked, read = core.pump_backend(i, BATCH)
+                busy += read
+                more = more or read >= BATCH
+                if foreign:
+                    endpoint = self._endpoints[i]
+                    on_reply = proxy.pool._on_reply
+                    for frames in foreign:
+                        on_reply(endpoint, frames)  # type: ignore[arg-type]
+                for item in resume:
+                    self._finish(item, None)
+                for frames, _fd in parked:  # the client's queue is full: the backlog
+                    proxy.backlog.park(frames)
+            if not busy or more:
+                break
+        self._after_batch()
+        if more:
+            self.schedule()
+
+    def _after_batch(self) -> None:
+        self._sync()
+        core = self.core
+        if core.inflight:
+            if self._sentinel is None:
+                # The drain waits for proxy._tasks to empty; this stands for the core's.
+                self._sentinel = self._loop.create_future()
+                self._sentinel.add_done_callback(self._sentinel_done)
+                self.proxy._tasks.add(self._sentinel)  # type: ignore[arg-type]
+            nxt = core.next_deadline()
+            if nxt is not None and nxt < self._timer_at:
+                self._arm(nxt)
+        elif self._sentinel is not None:
+            sentinel, self._sentinel = self._sentinel, None
+            self.proxy._tasks.discard(sentinel)  # type: ignore[arg-type]
+            sentinel.set_result(None)
+
+    def _sentinel_done(self, sentinel: asyncio.Future[None]) -> None:
+        if sentinel.cancelled():  # the drain's deadline: cut what the core has in flight
+            self.proxy._tasks.discard(sentinel)  # type: ignore[arg-type]
+            if self._sentinel is sentinel:
+                self._sentinel = None
+            for item in self.core.cut_all():
+                self._finish(item, RequestError("the shim shut down before a reply came",
+                                                Code.SHUTTING_DOWN), cut=True)
+            self._sync()
+
+    def _on_monitor(self, i: int, seen: Any, frames: list[bytes]) -> None:
+        """After the pool's own handling of a monitor event: a backend connection that
+        went fails the core's requests on it at once, as ``BackendPool._fail_endpoint``
+        fails its own (BackendLost, then failover where the rule allows)."""
+        seen(frames)
+        endpoint = self._endpoints[i]
+        if endpoint is None or endpoint.connected or not self.core.inflight_of(i):
+            return
+        name = self.names[i]
+        lost = self.core.cut_backend(i)
+        if lost:
+            self.proxy.pool.backends[name].record_failure()
+        for item in lost:
+            self._finish(item, BackendLost(
+                f"backend {name} went away with the request in flight"))
+        self._after_batch()
+
+    # -- deadlines --------------------------------------------------------------------
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        # The core's clock is CLOCK_MONOTONIC, as the loop's and time.perf_counter().
+        self._timer = self._loop.call_at(at + 0.0005, self._expire)
+
+    def _expire(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        for item in self.core.expire(time.perf_counter()):
+            name = self.names[item[2]]
+            backend = self.proxy.pool.backends[name]
+            backend.record_failure()
+            self.proxy.metrics.timeouts.labels(name).inc()
+            self._finish(item, BackendTimeout(f"backend {name} did not answer in time"))
+        self._after_batch()
+
+    # -- finishing the core's requests in Python --------------------------------------
+
+    def _finish(self, item: tuple[Any, ...], error: RequestError | None,
+                cut: bool = False) -> None:
+        """Answer a request the core handed back, as the Python path would have."""
+        envs, payload, b, row, started, deadline, frames, fds = item
+        name = self.names[b]
+        proxy = self.proxy
+        if error is None:
+            try:
+                reply = self._check_reply(name, frames)
+            except BackendBadReply as exc:
+                error = exc
+            else:
+                self._answer(envs, fds, [reply])
+                proxy.metrics.record_request(name, self._label(row), "ok",
+                                             time.perf_counter() - started)
+                return
+        if cut:  # shutting down: answered now, before the frontend closes
+            msg = _decode_or_none(payload)
+            self._answer(envs, fds, proxy.path.error_frames(msg, error.code, error.message))
+            proxy.metrics.record_request("none", self._label(row), error.code,
+                                         time.perf_counter() - started)
+            return
+        task = self._loop.create_task(
+            self._after_error(envs, fds, payload, name, row, started, deadline, error))
+        proxy._tasks.add(task)
+        task.add_done_callback(proxy._tasks.discard)
+
+    def _check_reply(self, name: str, frames: list[bytes]) -> bytes:
+        """BackendPool._on_reply's and Proxy._forward's checks of a passed-through reply."""
+        from shim.transport import _json_object
+
+        pool = self.proxy.pool
+        if len(frames) != 3 or frames[1]:
+            raise BackendBadReply(f"backend {name} sent {len(frames)} frames, expected 3")
+        if len(frames[2]) > pool._max_reply:
+            self.proxy.metrics.dropped_replies.labels("backend_too_large").inc()
+            raise BackendBadReply(
+                f"backend {name} sent a reply of {len(frames[2])} bytes, "
+                f"over the {pool._max_reply} byte cap (shim.max_reply_bytes)")
+        return _json_object(frames[2], name)
+
+    async def _after_error(self, envs: list[list[bytes]], fds: list[int], payload: bytes,
+                           name: str, row: int, started: float, deadline: float,
+                           error: RequestError) -> None:
+        """The rest of ``Proxy._forward`` after the first attempt failed: fail over to the
+        other candidates when the rule allows, else the error in the caller's shape."""
+        proxy = self.proxy
+        msg: Any = msgspec.json.decode(payload)
+        backend, outcome = name, "ok"
+        try:
+            rt = proxy.runtime
+            op = dialects.parse_request(msg, rt.policy)
+            rule = rt.rules[op.kind.value]
+            rest = [n for n in rt.table.names if n != name]
+            if isinstance(error, BackendError) and rule.failover and rest:
+                proxy.metrics.failovers.labels(name, rest[0]).inc()
+                flow = Flow([payload], msg, op, rt, started, deadline)
+                await proxy.path._forward(flow, op, rest, rule)
+                backend, replies = flow.served_by, list(flow.reply or ())
+            else:
+                raise error
+        except RequestError as exc:  # counted under backend "none", as Proxy._handle does
+            backend, outcome = "none", exc.code
+            replies = proxy.path.error_frames(msg, exc.code, exc.message)
+        except Exception as exc:  # a bug costs one error reply, never the shim
+            log.exception("internal error finishing a compiled-path request")
+            backend, outcome = "none", Code.INTERNAL
+            replies = proxy.path.error_frames(msg, outcome, f"internal error: {exc}")
+        proxy.metrics.record_request(backend, self._label(row), outcome,
+                                     time.perf_counter() - started)
+        self._answer(envs, fds, replies)
+
+    def _answer(self, envs: list[list[bytes]], fds: list[int], reply: list[bytes]) -> None:
+        send = self.proxy._send
+        for envelope, fd in zip(envs, fds, strict=True):
+            send(envelope, reply, fd)
+
+    def _label(self, row: int) -> str:
+        return self._rows[row] if 0 <= row < len(self._rows) else Kind.OTHER.value
+
+    # -- counters ---------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        """Add the core's counters to the proxy's counts and the Prometheus metrics."""
+        requests, replies, unroutable, joins, late, ok, rows = self.core.take_counts()
+        proxy = self.proxy
+        metrics = proxy.metrics
+        self.fast_requests += requests
+        if requests or replies or unroutable:
+            counts = proxy.counts
+            counts["requests"] += requests
+            counts["replies"] += replies
+            counts["unroutable"] += unroutable
+            if unroutable:
+                metrics.unroutable.inc(unroutable)
+        if joins:
+            metrics.duplicate_joins.labels("bytes").inc(joins)
+        backends = proxy.pool.backends
+        for i, name in enumerate(self.names):
+            if late[i]:
+                metrics.late_replies.labels(name).inc(late[i])
+            if ok[i]:
+                backend = backends[name]
+                if backend.on_result is None:
+                    backend.record_success()
+                else:
+                    for _ in range(ok[i]):
+                        backend.record_success()
+            endpoint = self._endpoints[i]
+            if endpoint is not None:  # per-backend inflight includes the core's
+                now = self.core.inflight_of(i)
+                endpoint.outstanding += now - self._synced_inflight[i]
+                self._synced_inflight[i] = now
+        for row, b, n, seconds, buckets in rows:
+            _add_requests(metrics, self.names[b], self._label(row), n, seconds, buckets)
+
+    def close(self) -> None:
+        """Answer what the core has in flight (shutdown) and stop its timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for item in self.core.cut_all():
+            self._finish(item, RequestError("the shim shut down before a reply came",
+                                            Code.SHUTTING_DOWN), cut=True)
+        self._sync()
+
+
+def _decode_or_none(payload: bytes) -> Any:
+    try:
+        return msgspec.json.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def _add_requests(metrics: Any, backend: str, action: str, n: int, seconds: float,
+                  buckets: list[int]) -> None:
+    """``n`` requests answered "ok", in bulk: what ``Metrics.record_request`` does ``n``
+    times. prometheus-client's histogram child keeps a sum and per-bucket counts
+    (``_sum``, ``_buckets``: its own layout, the one the core mirrors)."""
+    key = (backend, action, "ok")
+    children = metrics._request_children.get(key)
+    if children is None:
+        children = (metrics.requests.labels(*key), metrics.latency.labels(backend, action))
+        metrics._request_children[key] = children
+    children[0].inc(n)
+    histogram = children[1]
+    histogram._sum.inc(seconds)
+    for k, count in enumerate(buckets):
+        if count:
+            histogram._buckets[k].inc(count)
+
+
+def _named_actions() -> Iterator[tuple[str, Kind]]:
+    """The legacy dialect's action names with their own kind (each gets a table row)."""
+    from shim.dialects.mma import _ACTIONS
+
+    yield from _ACTIONS.items()
+    for name in dialects.MMS_ONLY_ACTIONS:
+        yield name, Kind.OTHER
+
+
+def _quiet(addon: Addon, rt: Runtime) -> bool:
+    """Whether ``addon`` needs to see no request right now: it has no data-path hook
+    (shim.addons.base), or it says so itself (``fastpath_quiet(rt) -> bool``: shadow
+    outside shadow mode, an idle recorder, the rollout engine between rollouts, the
+    metrics addon whose counts the core keeps). Any other addon with a data-path hook
+    (ownership included) sees every request: nothing goes fast."""
+    if not any(getattr(type(addon), hook) is not getattr(Addon, hook) for hook in HOOKS):
+        return True
+    own = getattr(addon, "fastpath_quiet", None)
+    return bool(own(rt)) if own is not None else False
+
+
+class _Reader:
+    """One socket under the core: ``shim.sockets.BatchReader``'s interface (``start``,
+    ``stop``, ``kick``), so the proxy and pool use it unchanged; every event runs the
+    shared pump."""
+
+    __slots__ = ("_armed", "_fast", "_fd", "sock")
+
+    def __init__(self, fast: FastPath, sock: Any) -> None:
+        import zmq
+
+        self.sock = sock
+        self._fast = fast
+        self._fd: int = sock.getsockopt(zmq.FD)
+        self._armed = False
+
+    def start(self) -> None:
+        if not self._armed:
+            self._fast._loop.add_reader(self._fd, self._fast.pump)
+            self._armed = True
+        self._fast.schedule()
+
+    def stop(self) -> None:
+        if self._armed:
+            self._fast._loop.remove_reader(self._fd)
+            self._armed = False
+
+    def kick(self) -> None:
+        if self._armed:
+            self._fast.schedule()
+
+
+class _CoreCollector:
+    """Brings the core's counters into the metrics at scrape time: they land in the
+    existing families (``shim_requests_total``, ...); the one family of its own is
+    ``shim_fastpath_requests_total``, how much of that the core carried."""
+
+    def __init__(self, fast: FastPath) -> None:
+        self._fast = fast
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        # Every batch ends with a sync already; from the loop's own thread (the shim's
+        # web listener) catch up now. Another thread (prometheus-client's own server)
+        # must not touch the core while the loop drives it.
+        if threading.get_ident() == self._fast._thread:
+            self._fast._sync()
+        family = CounterMetricFamily(
+            "shim_fastpath_requests", "Requests the compiled core forwarded without Python "
+            "(also counted in shim_requests_total and shim_frontend_total)")
+        family.add_metric([], self._fast.fast_requests)
+        yield family
+
+
+__all__ = ["FastPath", "available", "install", "wanted"]
