@@ -74,6 +74,7 @@ DEF NLAT = 14            # shim.metrics.LATENCY_BUCKETS + the +Inf bucket
 DEF MAX_BACKENDS = 16
 DEF MAX_ACTIONS = 16
 DEF CORR_MARK = 0x8000000000000000  # the core's ids; the pool counts up from 1
+DEF FAST_REPLY_MAX = 65536  # larger replies are handed to Python (see pump_backend)
 DEF HOLD_MAX = 1048576   # bytes handed up to Python per call, at most (one message over it)
 
 cdef double LAT_BOUNDS[13]
@@ -1044,7 +1045,10 @@ cdef class Core:
                 continue
             self.n_success[b] += 1  # a reply came: the pool's success accounting
             rlen = z_msg_size(&msgs[2]) if nf >= 3 else 0
+            # big replies go through Python, whose backlog bounds what a client that does
+            # not read may cost (forwarded here, they piled up: tests/reliability/test_memory)
             if (nf != 3 or more or z_msg_size(&msgs[1]) != 0 or rlen > self.max_reply
+                    or rlen > FAST_REPLY_MAX
                     or self.punt_replies
                     or not is_json_object(<const uint8_t *>z_msg_data(&msgs[2]), rlen)):
                 # Python decides (a bad reply may fail over): the frames after the id

@@ -225,7 +225,8 @@ def test_same_replies_and_metrics(pair: Pair) -> None:
 def test_sticky_routing_and_duplicates(tmp_path: Path) -> None:
     """Sticky keys pick the same backend in both (the core calls shim.routing.bucket_of);
     re-sent bytes in flight join one execution in both."""
-    backends = {"mma": start_fake("A"), "mma2": start_fake("B")}
+    # Slow enough that the first copy is surely still in flight when the second comes.
+    backends = {"mma": start_fake("A", delay_ms=300), "mma2": start_fake("B", delay_ms=300)}
     pair = _start_pair(tmp_path, backends, {"mma": 60, "mma2": 40})
     c = Clients(pair)
     try:
