@@ -20,6 +20,7 @@ import zmq
 from shim.admin import TOKEN_ENV, generated_token_path, read_token_file
 from shim.config import ACTIONS, ShimSection, is_loopback
 from shim.curve import CERT_ENV, SERVER_KEY_ENV, CurveClient, load_client, make_client_socket
+from shim.errors import NoToken, Unreachable, UsageError
 from shim.settings import ActionRule, ShadowSettings, add_flags, flag_values
 
 ADMIN_ENV = "MMSHIM_ADMIN"
@@ -46,10 +47,6 @@ CURVE (an admin socket beyond loopback): --curve-cert (else ${CERT_ENV}) is this
 .key_secret file; --curve-server-key (else ${SERVER_KEY_ENV}, else the public half of
 shim.admin_curve_secret_file in --config) is the shim's public .key file.
 """
-
-
-class Unreachable(Exception):
-    """The admin socket did not answer in time."""
 
 
 class AdminClient:
@@ -193,14 +190,6 @@ def resolve_curve(args: argparse.Namespace) -> CurveClient | None:
         return load_client(Path(cert), Path(server))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-
-
-class UsageError(Exception):
-    """Exit 2."""
-
-
-class NoToken(Exception):
-    """Exit 4: there is no token to send."""
 
 
 # -- commands: argv -> request --------------------------------------------------------------

@@ -22,7 +22,11 @@ a request carry a ``Code``. Codes are mapped to the caller's reply shape in one 
     ├── SetupError (ValueError)   unusable input at start or reload; names file and field
     │   ├── ConfigError, StateError, PlanError, CaptureError, PatternError
     │   └── EndpointInUse         an endpoint could not be bound
-    └── CommandError              an admin command refused (``code`` is the reply's error)
+    ├── CommandError              an admin command refused (``code`` is the reply's error)
+    └── CtlError                  ``mmshim ctl`` on the client side (each its exit code)
+        ├── Unreachable           exit 3: the admin socket did not answer in time
+        ├── UsageError            exit 2
+        └── NoToken               exit 4: there is no token to send
 """
 
 from __future__ import annotations
@@ -166,3 +170,19 @@ class CommandError(ShimError):
         self.code = code
         self.message = message
         self.detail = detail
+
+
+class CtlError(ShimError):
+    """``mmshim ctl`` failing on the client side; the subclass fixes the exit code."""
+
+
+class Unreachable(CtlError):
+    """The admin socket did not answer in time."""
+
+
+class UsageError(CtlError):
+    """Exit 2."""
+
+
+class NoToken(CtlError):
+    """Exit 4: there is no token to send."""

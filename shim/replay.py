@@ -39,7 +39,6 @@ the single figure a gate reads; exit 1 above ``threshold``.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -298,7 +297,8 @@ class Engine:
             body = {**self.tally.as_json(top), "verdict": verdict}
             if latency:
                 body["latency"] = self.latency()
-            print(json.dumps(body, indent=2, default=str), file=out)
+            text = msgspec.json.format(msgspec.json.encode(body, enc_hook=str), indent=2)
+            print(text.decode(), file=out)
             return bool(verdict["passed"])
         print(title, file=out)
         print(self.tally.format(top), file=out)

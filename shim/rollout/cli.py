@@ -36,7 +36,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def build_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """``ctl rollout VERB [PLAN]`` -> the admin command and its arguments."""
-    from shim.ctl import UsageError
+    from shim.errors import UsageError
 
     verb = args.verb
     if verb == "start":

@@ -28,7 +28,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from shim.ctl import AdminClient, Unreachable, connectable
+from shim.ctl import AdminClient, connectable
+from shim.errors import Unreachable
 from shim.rollout.cli import show
 from shim.rollout.plan import load_plan
 
