@@ -73,6 +73,9 @@ DEF NBUCKETS = 10000     # shim.routing.BUCKETS
 DEF NLAT = 14            # shim.metrics.LATENCY_BUCKETS + the +Inf bucket
 DEF MAX_BACKENDS = 16
 DEF MAX_ACTIONS = 16
+DEF MAX_MODELS = 64      # models the owner table names (shim.fastpath assigns them ids)
+DEF MAX_PREFS = 64       # model_pref values the owner table knows
+DEF MAX_OK_STATUS = 8    # reply statuses that say a model was served (ownership.OK_STATUSES)
 DEF CORR_MARK = 0x8000000000000000  # the core's ids; the pool counts up from 1
 DEF FAST_REPLY_MAX = 65536  # larger replies are handed to Python (see pump_backend)
 DEF HOLD_MAX = 1048576   # bytes handed up to Python per call, at most (one message over it)
@@ -305,6 +308,10 @@ ctypedef struct Fields:
     size_t sticky_len
     int sticky_kind      # 0 absent, 1 plain string, 2 integer, 3 anything else
     int punt_key         # a key that needs Python (command, request_id, conversation_id...)
+    const uint8_t *pref
+    size_t pref_len
+    int pref_kind        # model_pref: 0 absent, 1 plain string, 2 null, 3 anything else
+    int model_key        # model_id, model_name or model_ids at the top level
 
 
 cdef int key_is(const uint8_t *k, size_t klen, const char *name, size_t nlen) noexcept nogil:
@@ -361,6 +368,19 @@ cdef int scan_request(const uint8_t *p, size_t n, const uint8_t *sticky_key, siz
                         f.sticky_kind = 3  # a float: str(float) is Python's business
             else:
                 f.sticky_kind = 3
+        if key_is(p + ks, ke - ks, b"model_pref", 10):
+            if f.pref_kind:
+                return 0
+            esc = 0
+            if p[vs] == 34 and scan_string(p, vs, n, &esc) == ve and not esc:
+                f.pref, f.pref_len, f.pref_kind = p + vs + 1, ve - vs - 2, 1
+            elif ve - vs == 4 and memcmp(p + vs, b"null", 4) == 0:
+                f.pref_kind = 2
+            else:
+                f.pref_kind = 3
+        elif (key_is(p + ks, ke - ks, b"model_id", 8) or key_is(p + ks, ke - ks, b"model_name", 10)
+                or key_is(p + ks, ke - ks, b"model_ids", 9)):
+            f.model_key = 1
         if (key_is(p + ks, ke - ks, b"command", 7) or key_is(p + ks, ke - ks, b"request_id", 10)
                 or key_is(p + ks, ke - ks, b"conversation_id", 15)):
             f.punt_key = 1
@@ -391,7 +411,59 @@ def routing_fields(bytes data, bytes sticky_key=b""):
         if f.action_kind == 1 else f.action_kind
     sticky = PyBytes_FromStringAndSize(<const char *>f.sticky, f.sticky_len) \
         if f.sticky_kind in (1, 2) else f.sticky_kind
-    return action, sticky, bool(f.punt_key)
+    pref = PyBytes_FromStringAndSize(<const char *>f.pref, f.pref_len) \
+        if f.pref_kind == 1 else f.pref_kind
+    return action, sticky, bool(f.punt_key), pref, bool(f.model_key)
+
+
+cdef int reply_status(const uint8_t *p, size_t n, list ok) noexcept:
+    """A reply object's top-level ``status`` (the last one, as a decoder keeps): 1 when
+    it is a plain string in ``ok``, 0 when it is anything else or absent, -1 when unsure
+    (an escaped string: Python reads it). ``p`` is certainly one JSON object."""
+    cdef size_t i, ks, ke, vs, ve
+    cdef int esc, found = 0
+    cdef bytes want
+    i = skip_ws(p, 0, n)
+    i = skip_ws(p, i + 1, n)
+    if i < n and p[i] == 125:
+        return 0
+    while i < n and p[i] == 34:
+        esc = 0
+        ks = i + 1
+        i = scan_string(p, i, n, &esc)
+        if i == 0:
+            return -1
+        ke = i - 1
+        i = skip_ws(p, i, n)
+        vs = skip_ws(p, i + 1, n)
+        ve = scan_value(p, vs, n, 1)
+        if ve == 0:
+            return -1
+        if key_is(p + ks, ke - ks, b"status", 6) or (esc and ke - ks > 6):
+            if esc:
+                return -1  # an escaped key might read "status"
+            found = 0
+            esc = 0
+            if p[vs] == 34 and scan_string(p, vs, n, &esc) == ve:
+                if esc:
+                    return -1
+                for want in ok:
+                    if <size_t>PyBytes_GET_SIZE(want) == ve - vs - 2 and memcmp(
+                            PyBytes_AS_STRING(want), p + vs + 1, ve - vs - 2) == 0:
+                        found = 1
+                        break
+        i = skip_ws(p, ve, n)
+        if i < n and p[i] == 44:
+            i = skip_ws(p, i + 1, n)
+    return found
+
+
+def status_ok(bytes data, list ok):
+    """``reply_status`` (tests): 1 served, 0 not, -1 unsure."""
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(data)
+    if not is_json_object(p, PyBytes_GET_SIZE(data)):
+        return -1
+    return reply_status(p, PyBytes_GET_SIZE(data), ok)
 
 
 # -- requests in flight --------------------------------------------------------------------
@@ -410,6 +482,7 @@ ctypedef struct Slot:
     int used
     int backend
     int action
+    int model            # the owner table's model id, or -1 (routed by the weights)
     double started
     double deadline
     uint64_t hash
@@ -460,6 +533,19 @@ cdef class Core:
     cdef uint8_t ok[MAX_ACTIONS][MAX_BACKENDS]
     cdef bytes sticky_key
     cdef object bucket_of
+    # per action row: 0 names no model, 1 names one by model_pref (generate), 2 may name
+    # some in model_id/model_name/model_ids (those requests go up to Python)
+    cdef uint8_t row_models[MAX_ACTIONS]
+    # the owner table (set_owners): per model_pref, the model id and where it may go
+    cdef int owners_active
+    cdef bytes pref_blob
+    cdef size_t pref_off[MAX_PREFS]
+    cdef size_t pref_len[MAX_PREFS]
+    cdef int pref_model[MAX_PREFS]
+    cdef int pref_backend[MAX_PREFS]   # >= 0 the owner, -1 ask Python, -2 no model
+    cdef int npref
+    cdef int fallback_model, fallback_backend   # a model_pref not listed (MMA: "fast")
+    cdef list ok_status
     # per batch (set_gate)
     cdef int enabled
     cdef uint8_t healthy[MAX_BACKENDS]
@@ -489,6 +575,10 @@ cdef class Core:
     cdef uint64_t n_late[MAX_BACKENDS]
     cdef uint64_t n_success[MAX_BACKENDS]
     cdef uint64_t n_inflight_b[MAX_BACKENDS]
+    cdef uint64_t m_sent[MAX_MODELS][MAX_BACKENDS]
+    cdef uint64_t m_done[MAX_MODELS][MAX_BACKENDS]
+    cdef uint64_t m_loaded[MAX_MODELS][MAX_BACKENDS]
+    cdef int m_touched
     cdef list _parked       # replies for Python's backlog (the client's queue is full)
 
     def __cinit__(self):
@@ -516,6 +606,12 @@ cdef class Core:
         self.nactions = 0
         self.nbounds = 0
         self.sticky_key = b""
+        self.owners_active = 0
+        self.npref = 0
+        self.pref_blob = b""
+        self.fallback_model = -1
+        self.fallback_backend = -2
+        self.ok_status = []
         self.rng = 0x9E3779B97F4A7C15ULL ^ <uint64_t>(now_s() * 1e9)
         self._grow(1024)
         self.hcap = 4096
@@ -564,9 +660,12 @@ cdef class Core:
         """Install new routing tables at once (a Runtime swap).
 
         ``bounds``/``names``: shim.routing.RoutingTable's cumulative bucket bounds and the
-        backend index owning each range; ``actions``: ``(name, deadline_ms, ok)`` rows,
-        ``ok`` one byte per backend (1: a request of that action routed there may go
-        fast); ``other``: the row for an action name not listed, or None (punt);
+        backend index owning each range; ``actions``: ``(name, deadline_ms, ok, models)``
+        rows, ``ok`` one byte per backend (1: a request of that action routed there may go
+        fast), ``models`` what the owner table makes of it (0: it names no model, 1: it
+        names one by ``model_pref``, 2: ``model_id``/``model_name``/``model_ids`` name
+        models, and such a request goes up to Python while ``set_owners`` is active);
+        ``other``: the row for an action name not listed, or None (punt);
         ``sticky_key``: routing.sticky_key (b"": none) and ``bucket_of`` its hash
         (shim.routing.bucket_of), called for sticky requests only.
         """
@@ -576,7 +675,8 @@ cdef class Core:
         rows = list(actions) + ([other] if other is not None else [])
         blob = b"".join(r[0] for r in rows)
         off = 0
-        for i, (name, deadline_ms, ok) in enumerate(rows):
+        for i, (name, deadline_ms, ok, models) in enumerate(rows):
+            self.row_models[i] = models
             self.action_off[i] = off
             self.action_len[i] = len(name)
             off += len(name)
@@ -593,6 +693,57 @@ cdef class Core:
         self.sticky_key = sticky_key
         self.bucket_of = bucket_of
         self._all_ok()
+
+    def set_owners(self, bint active, list prefs, tuple fallback, list ok_status):
+        """The owner table (shim.addons.ownership, through shim.fastpath), installed at
+        once. ``active``: requests naming a model obey it (else they route by weights).
+        ``prefs``: ``(model_pref, model id, backend)`` rows, backend >= 0 the one the model
+        may go to fast, -1 "ask Python", -2 "the pref names no model" (weights);
+        ``fallback``: ``(model id, backend)`` for a pref not listed (MMA resolves it as
+        "fast"); ``ok_status``: reply statuses that mean the model was served."""
+        cdef int i
+        if len(prefs) > MAX_PREFS:
+            raise ValueError("too many model_pref values for the compiled core")
+        off = 0
+        for i, (pref, model, backend) in enumerate(prefs):
+            if not -1 <= model < MAX_MODELS or not -2 <= backend < self.nbackends:
+                raise ValueError("owner table entry out of range")
+            self.pref_off[i] = off
+            self.pref_len[i] = len(pref)
+            off += len(pref)
+            self.pref_model[i] = model
+            self.pref_backend[i] = backend
+        self.pref_blob = b"".join(p[0] for p in prefs)
+        self.npref = len(prefs)
+        self.fallback_model, self.fallback_backend = fallback
+        self.ok_status = list(ok_status)
+        self.owners_active = active
+
+    cdef int _owner(self, Fields *f, int row, int *model) noexcept:
+        """Where the owner table sends this request: >= 0 the backend, -1 punt, -2 by the
+        weights; ``model`` gets the model id (-1 none)."""
+        cdef int i
+        cdef const uint8_t *pref
+        cdef size_t n
+        cdef const char *blob
+        model[0] = -1
+        if not self.owners_active or self.row_models[row] == 0:
+            return -2
+        if self.row_models[row] == 2:
+            return -1 if f.model_key else -2
+        if f.pref_kind == 3:
+            return -1  # a number or another type: Python reads it loosely
+        if f.pref_kind == 1 and f.pref_len:
+            pref, n = f.pref, f.pref_len
+        else:  # absent, null or "": MMA's "fast"
+            pref, n = <const uint8_t *>b"fast", 4
+        blob = PyBytes_AS_STRING(self.pref_blob)
+        for i in range(self.npref):
+            if self.pref_len[i] == n and memcmp(blob + self.pref_off[i], pref, n) == 0:
+                model[0] = self.pref_model[i]
+                return self.pref_backend[i]
+        model[0] = self.fallback_model
+        return self.fallback_backend
 
     cdef void _all_ok(self) noexcept:
         cdef int row, i, b, low
@@ -772,7 +923,7 @@ cdef class Core:
         messages read (fast ones included)."""
         cdef zmq_msg_t msgs[MAX_FRAMES + 1]
         cdef zmq_msg_t extra
-        cdef int nf, rc, more, overflow, fd, row, b, k, dup
+        cdef int nf, rc, more, overflow, fd, row, b, k, dup, model
         cdef int read = 0
         cdef size_t plen, total, off, held = 0
         cdef const uint8_t *pay
@@ -808,6 +959,7 @@ cdef class Core:
             # [identity..., b"", payload]: the delimiter is the last-but-one frame only
             b = -1
             row = -1
+            model = -1
             if not overflow and self.enabled and nf >= 3 and z_msg_size(&msgs[nf - 2]) == 0:
                 b = 0
                 for k in range(nf - 2):
@@ -823,12 +975,23 @@ cdef class Core:
                             PyBytes_GET_SIZE(self.sticky_key), &f) \
                             and f.action_kind == 1 and not f.punt_key:
                         row = self._action_row(f.action, f.action_len)
-                        if row >= 0 and (f.sticky_kind != 0 or self.all_ok[row]):
+                        if row >= 0:
+                            b = self._owner(&f, row, &model)
+                        if b >= 0:
+                            # The model's owner, whatever the weights' draw (and with no
+                            # other backend to fail over to): connected is enough.
+                            if not self.ok[row][b] or self.healthy[b] < 1 \
+                                    or self.backs[b] == NULL:
+                                b = -1
+                        elif b == -2 and (f.sticky_kind != 0 or self.all_ok[row]):
+                            model = -1
                             b = self._choose(&f)
                             if b < 0 or b >= self.nbackends or not self.ok[row][b] \
                                     or self.healthy[b] < self.ok[row][b] \
                                     or self.backs[b] == NULL:
                                 b = -1
+                        else:
+                            b = -1
             if b < 0:
                 frames = []
                 for k in range(nf):
@@ -885,6 +1048,7 @@ cdef class Core:
             s.gen += 1
             s.backend = b
             s.action = row
+            s.model = model
             s.started = t
             s.deadline = t + self.deadline_s[row]
             s.hash = h
@@ -909,6 +1073,9 @@ cdef class Core:
                 continue
             self.inflight_n += 1
             self.n_inflight_b[b] += 1
+            if model >= 0:
+                self.m_sent[model][b] += 1
+                self.m_touched = 1
             if self.dedup:
                 # at most half full, tombstones included: a probe always ends
                 if 2 * (self.inflight_n + 1 + self.htomb) > self.hcap:
@@ -947,7 +1114,8 @@ cdef class Core:
 
     cdef object _resume(self, uint32_t idx, object reply):
         """Slot ``idx`` handed to Python: ``(envelopes, payload, backend, action row,
-        started, deadline, reply frames or None, fds)``."""
+        started, deadline, reply frames or None, fds, model id or -1)``; a request naming
+        a model is counted answered by Python then (``fast_answered``), not here."""
         cdef Slot *s = &self.slots[idx]
         cdef Env *e = s.envs
         cdef size_t k, off
@@ -965,7 +1133,7 @@ cdef class Core:
         envs.reverse()  # the first copy first, as joins are answered in Python
         fds.reverse()
         item = (envs, PyBytes_FromStringAndSize(s.payload, s.payload_len), s.backend,
-                s.action, s.started, s.deadline, reply, fds)
+                s.action, s.started, s.deadline, reply, fds, s.model)
         self._free_slot(idx, 1)
         return item
 
@@ -978,7 +1146,7 @@ cdef class Core:
         (``(frames, fd)``: the client's queue is full), and the number of messages read."""
         cdef zmq_msg_t msgs[4]
         cdef zmq_msg_t extra
-        cdef int nf, rc, more, k, read = 0, consumed
+        cdef int nf, rc, more, k, read = 0, consumed, served = 0
         cdef uint64_t corr
         cdef uint32_t idx, gen
         cdef const uint8_t *c
@@ -1050,7 +1218,9 @@ cdef class Core:
             if (nf != 3 or more or z_msg_size(&msgs[1]) != 0 or rlen > self.max_reply
                     or rlen > FAST_REPLY_MAX
                     or self.punt_replies
-                    or not is_json_object(<const uint8_t *>z_msg_data(&msgs[2]), rlen)):
+                    or not is_json_object(<const uint8_t *>z_msg_data(&msgs[2]), rlen)
+                    or (s.model >= 0 and (served := reply_status(
+                        <const uint8_t *>z_msg_data(&msgs[2]), rlen, self.ok_status)) < 0)):
                 # Python decides (a bad reply may fail over): the frames after the id
                 frames = [PyBytes_FromStringAndSize(<const char *>z_msg_data(&msgs[k]),
                                                     z_msg_size(&msgs[k])) for k in range(nf)]
@@ -1105,6 +1275,10 @@ cdef class Core:
                 e = e.next
             if not consumed:
                 z_msg_close(&msgs[2])
+            if s.model >= 0:
+                self.m_done[s.model][b] += 1
+                self.m_loaded[s.model][b] += served
+                self.m_touched = 1
             t = now_s() - s.started
             self.n_ok[s.action][b] += 1
             self.lat_sum[s.action][b] += t
@@ -1205,6 +1379,21 @@ cdef class Core:
 
     def inflight_of(self, int b):
         return self.n_inflight_b[b]
+
+    def take_models(self):
+        """The owner table's counts since the last call: ``[(model id, backend, sent,
+        answered, answered with a success status)]``, zeroed (each added once)."""
+        cdef int m, b
+        out = []
+        if not self.m_touched:
+            return out
+        for m in range(MAX_MODELS):
+            for b in range(self.nbackends):
+                if self.m_sent[m][b] or self.m_done[m][b]:
+                    out.append((m, b, self.m_sent[m][b], self.m_done[m][b], self.m_loaded[m][b]))
+                    self.m_sent[m][b] = self.m_done[m][b] = self.m_loaded[m][b] = 0
+        self.m_touched = 0
+        return out
 
     def take_counts(self):
         """Counters since the last call: ``(requests, replies, unroutable, joins, late

@@ -21,8 +21,21 @@ Tables: on every Runtime change (``push``) Python computes, per action, its dead
 fast (rule not pinned, not merged, no translation, one endpoint, a backend timeout no
 shorter than the deadline, and the health the rule needs); per batch (``_gate``) it
 says whether anything may go fast now: accepting, not draining, split mode, and every
-addon quiet (shadow off, recorder idle, no ownership addon, no unknown addon: those
-see every request in Python).
+addon quiet (shadow off, recorder idle, no unknown addon: those see every request in
+Python).
+
+Model ownership (shim.addons.ownership): a generate names its model by ``model_pref``
+(resolved through the policy as MMA does). Per policy pref the core holds the backend
+the ownership table would send it to without deciding anything (``fast_owner``: owned,
+not moving, not shared, where the weights want it), or "ask Python". Such a request
+goes to that owner whatever the weights' draw, and never fails over (ownership's route
+leaves one candidate). The table tells every change of an owner or a move at once
+(``watch``), so the core's copy is current before another request is read. The core
+counts its sends and replies per (model, backend), and Python adds them to the table's
+in-flight counts after each call into the core and before any other Python runs
+(``fast_counts``): a hand-over waits for the core's requests, a poll does not release
+a model a request is loading. An action the shim does not know that carries
+``model_id``/``model_name``/``model_ids`` goes up to Python.
 
 Counters: the core counts requests, replies, joins, late replies and per (backend,
 action) latencies; they are added to ``proxy.counts`` and the existing Prometheus
@@ -49,6 +62,8 @@ from prometheus_client.core import CounterMetricFamily
 
 from shim import dialects
 from shim.addons.base import HOOKS, Addon, Flow
+from shim.addons.ownership import OK_STATUSES
+from shim.dialects.mma import resolve_pref
 from shim.dialects.ops import Kind
 from shim.errors import (
     BackendBadReply,
@@ -79,6 +94,13 @@ BATCH = 256
 _FAST_KINDS = {Kind.GENERATE, Kind.OTHER}
 #: Action rows the core's table holds (_core.MAX_ACTIONS).
 _MAX_ROWS = 16
+#: Models and model_pref values the core's owner table holds (_core.MAX_MODELS, MAX_PREFS).
+_MAX_MODELS = 64
+_MAX_PREFS = 64
+#: How a legacy action names models (shim.addons.ownership.models_named): generate by
+#: ``model_pref`` (1); an action the shim does not know by ``model_id``, ``model_name`` or
+#: ``model_ids`` (2: such a request goes up to Python).
+_MODELS = {Kind.GENERATE: 1, Kind.OTHER: 2}
 
 
 def available() -> bool:
@@ -125,6 +147,14 @@ class FastPath:
                                cfg.dedup.bytes_window_ms / 1000)
         #: Row -> (action label, rule name) of the tables in force.
         self._rows: list[str] = []
+        #: The ownership addon whose table routes requests naming a model (or None;
+        #: found when the proxy starts, once the addons are plugged in).
+        self._owners: Any = None
+        #: Model ids the core's owner table uses (stable while the shim runs).
+        self._model_ids: dict[str, int] = {}
+        self._model_names: list[str] = []
+        #: The models ``model_pref`` values resolve to under the Runtime in force.
+        self._policy_models: frozenset[str] = frozenset()
         self._synced_inflight = [0] * len(self.names)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -159,6 +189,16 @@ class FastPath:
             self._active.append(i)
         proxy.metrics.registry.register(_CoreCollector(self))
 
+    def start(self) -> None:
+        """Before the proxy reads its first request: the ownership addon (an addon with
+        ``fast_owner``, ``watch``, ``fast_counts`` and ``fast_answered``, see
+        shim.addons.ownership) routes the requests naming a model from now on."""
+        self._owners = next((a for a in self.proxy.addons
+                             if getattr(a, "fast_owner", None) is not None), None)
+        if self._owners is not None:
+            self._owners.watch(self._owner_changed)
+        self.push(self.proxy.runtime)
+
     # -- tables -----------------------------------------------------------------------
 
     def push(self, rt: Runtime) -> None:
@@ -171,16 +211,16 @@ class FastPath:
         named = dict(_named_actions())
         for name in proxy.path._deadlines._names:  # unknown actions with a deadline of their own
             named.setdefault(name, Kind.OTHER)
-        rows: list[tuple[bytes, int, bytes]] = []
+        rows: list[tuple[bytes, int, bytes, int]] = []
         labels: list[str] = []
         for name, kind in named.items():
             rows.append((name.encode(), proxy.path._deadlines.ms(rt, "action", name, kind.value),
-                         self._oks(rt, kind, name)))
+                         self._oks(rt, kind, name), _MODELS.get(kind, 0)))
             labels.append(kind.value)
-        other: tuple[bytes, int, bytes] | None = None
+        other: tuple[bytes, int, bytes, int] | None = None
         if len(rows) + 1 < _MAX_ROWS:
             other = (b"", proxy.path._deadlines.ms(rt, "action", None, Kind.OTHER.value),
-                     self._oks(rt, Kind.OTHER, None))
+                     self._oks(rt, Kind.OTHER, None), _MODELS[Kind.OTHER])
             labels.append(Kind.OTHER.value)
         else:  # more names than the core's table holds: those actions stay in Python
             rows = [r for r, label in zip(rows, labels, strict=True)
@@ -189,6 +229,55 @@ class FastPath:
         sticky = (proxy.path._sticky_key or "").encode()
         self.core.set_tables(bounds, owners, rows, other, sticky, bucket_of)
         self._rows = labels
+        self._push_owners(rt)
+
+    def _push_owners(self, rt: Runtime) -> None:
+        """The owner table's view for the core: per ``model_pref`` of the policy, where a
+        generate naming it may go fast (its model's ``fast_owner``), else up to Python."""
+        if self._owners is None:
+            self.core.set_owners(False, [], (-1, -2), [])
+            return
+        index = {name: i for i, name in enumerate(self.names)}
+        def entry(pref: str) -> tuple[int, int]:
+            model = resolve_pref(pref, rt.policy)
+            if model is None:
+                return -1, -2  # names no model: the weights route it
+            mid = self._model_id(model)
+            owner = self._owners.fast_owner(model, rt) if mid >= 0 else None
+            return mid, index.get(owner, -1) if owner is not None else -1
+
+        prefs = []
+        for pref in rt.policy:
+            mid, backend = entry(pref)
+            prefs.append((pref.encode(), mid, backend))
+        self._policy_models = frozenset(rt.policy.values())
+        self.core.set_owners(True, prefs[:_MAX_PREFS] if len(prefs) <= _MAX_PREFS else [],
+                             entry("fast") if len(prefs) <= _MAX_PREFS else (-1, -1),
+                             [s.encode() for s in OK_STATUSES])
+
+    def _model_id(self, model: str) -> int:
+        """The core's id for ``model`` (-1 when its table is full: the model stays in
+        Python)."""
+        mid = self._model_ids.get(model)
+        if mid is None:
+            if len(self._model_names) >= _MAX_MODELS:
+                return -1
+            mid = self._model_ids[model] = len(self._model_names)
+            self._model_names.append(model)
+        return mid
+
+    def _owner_changed(self, model: str) -> None:
+        """The ownership table changed ``model``'s owner or move: the core's copy at once
+        (before another request is read), when a ``model_pref`` names it."""
+        if model in self._policy_models:
+            self._push_owners(self.proxy.runtime)
+
+    def _sync_models(self) -> None:
+        """The core's sends and replies of requests naming a model, into the ownership
+        table (its in-flight counts keep a hand-over and a poll honest)."""
+        for mid, b, sent, answered, loaded in self.core.take_models():
+            self._owners.fast_counts(self._model_names[mid], self.names[b], sent, answered,
+                                     loaded)
 
     def _oks(self, rt: Runtime, kind: Kind, name: str | None) -> bytes:
         """Per backend: 0 never fast; 1 fast when connected; 2 fast when healthy (a rule
@@ -349,27 +438,32 @@ class FastPath:
     def _finish(self, item: tuple[Any, ...], error: RequestError | None,
                 cut: bool = False) -> None:
         """Answer a request the core handed back, as the Python path would have."""
-        envs, payload, b, row, started, deadline, frames, fds = item
+        envs, payload, b, row, started, deadline, frames, fds, model = item
         name = self.names[b]
         proxy = self.proxy
+        reply: bytes | None = None
         if error is None:
             try:
                 reply = self._check_reply(name, frames)
             except BackendBadReply as exc:
                 error = exc
-            else:
-                self._answer(envs, fds, [reply])
-                proxy.metrics.record_request(name, self._label(row), "ok",
-                                             time.perf_counter() - started)
-                return
+        if model >= 0:  # ownership's after_send: the core counted it sent, not answered
+            self._sync_models()
+            self._owners.fast_answered(self._model_names[model], name, reply)
+        if reply is not None:
+            self._answer(envs, fds, [reply])
+            proxy.metrics.record_request(name, self._label(row), "ok",
+                                         time.perf_counter() - started)
+            return
+        assert error is not None
         if cut:  # shutting down: answered now, before the frontend closes
             msg = _decode_or_none(payload)
             self._answer(envs, fds, proxy.path.error_frames(msg, error.code, error.message))
             proxy.metrics.record_request("none", self._label(row), error.code,
                                          time.perf_counter() - started)
             return
-        task = self._loop.create_task(
-            self._after_error(envs, fds, payload, name, row, started, deadline, error))
+        task = self._loop.create_task(self._after_error(
+            envs, fds, payload, name, row, started, deadline, error, model >= 0))
         proxy._tasks.add(task)
         task.add_done_callback(proxy._tasks.discard)
 
@@ -389,9 +483,11 @@ class FastPath:
 
     async def _after_error(self, envs: list[list[bytes]], fds: list[int], payload: bytes,
                            name: str, row: int, started: float, deadline: float,
-                           error: RequestError) -> None:
+                           error: RequestError, owned: bool) -> None:
         """The rest of ``Proxy._forward`` after the first attempt failed: fail over to the
-        other candidates when the rule allows, else the error in the caller's shape."""
+        other candidates when the rule allows (never for a request sent to its model's
+        owner: ownership's route leaves no other candidate), else the error in the
+        caller's shape."""
         proxy = self.proxy
         msg: Any = msgspec.json.decode(payload)
         backend, outcome = name, "ok"
@@ -400,7 +496,7 @@ class FastPath:
             op = dialects.parse_request(msg, rt.policy)
             rule = rt.rules[op.kind.value]
             rest = [n for n in rt.table.names if n != name]
-            if isinstance(error, BackendError) and rule.failover and rest:
+            if isinstance(error, BackendError) and rule.failover and rest and not owned:
                 proxy.metrics.failovers.labels(name, rest[0]).inc()
                 flow = Flow([payload], msg, op, rt, started, deadline)
                 await proxy.path._forward(flow, op, rest, rule)
@@ -430,6 +526,8 @@ class FastPath:
 
     def _sync(self) -> None:
         """Add the core's counters to the proxy's counts and the Prometheus metrics."""
+        if self._owners is not None:
+            self._sync_models()
         requests, replies, unroutable, joins, late, ok, rows = self.core.take_counts()
         proxy = self.proxy
         metrics = proxy.metrics

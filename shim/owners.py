@@ -28,6 +28,9 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
+#: Called with a model's name after its owner or its move changed (``OwnerTable.changed``).
+ChangeListener = Callable[[str], None]
+
 
 @dataclass(slots=True)
 class Move:
@@ -97,6 +100,9 @@ class OwnerTable:
     version: dict[str, int] = field(default_factory=dict)
     moves_done: int = 0
     moves_cancelled: int = 0
+    #: Told of every change of a model's owner or move (the compiled core's copy of
+    #: the models it may route without asking, shim.fastpath); never of load counts.
+    changed: ChangeListener | None = None
 
     # -- decisions ----------------------------------------------------------------------
 
@@ -130,6 +136,7 @@ class OwnerTable:
         if not alive(desired):
             return Send(owner)
         self.moves[model] = Move(owner, desired, now)
+        self._tell(model)
         return StartMove(model, owner, desired)
 
     def decide_many(self, models: Sequence[str], *, loads: bool, desired: Callable[[str], str],
@@ -167,15 +174,19 @@ class OwnerTable:
 
     # -- what happens on the wire -------------------------------------------------------
 
-    def sent(self, model: str, backend: str) -> None:
-        self.inflight[(model, backend)] += 1
+    def sent(self, model: str, backend: str, n: int = 1) -> None:
+        """``n`` requests for ``model`` went to ``backend``."""
+        self.inflight[(model, backend)] += n
 
     def answered(self, model: str, backend: str, *, unloaded: bool = False,
-                 loaded: bool = False) -> None:
-        """A request for ``model`` on ``backend`` ended. ``unloaded``: it was an unload
-        the backend confirmed; ``loaded``: the backend says it served/loaded the model."""
+                 loaded: bool = False, n: int = 1) -> None:
+        """``n`` requests for ``model`` on ``backend`` ended (the same outcome: one call
+        for ``n`` is ``n`` calls for one). ``unloaded``: they were unloads the backend
+        confirmed; ``loaded``: the backend says it served/loaded the model."""
+        if n <= 0:
+            return
         key = (model, backend)
-        self.inflight[key] -= 1
+        self.inflight[key] -= n
         if self.inflight[key] <= 0:
             del self.inflight[key]
         if unloaded or loaded:
@@ -206,6 +217,7 @@ class OwnerTable:
         move = self.moves.pop(model, None)
         if move is None:
             return
+        self._tell(model)
         if confirmed:
             if self.owners.get(model) == move.source:
                 self._set(model, None)
@@ -217,6 +229,7 @@ class OwnerTable:
         if move is not None and not move.unload_sent:
             del self.moves[model]
             self.moves_cancelled += 1
+            self._tell(model)
 
     def cancel_stale_moves(self, desired: Callable[[str], str]) -> list[str]:
         """After a weight change: cancel moves whose model the weights now want where it
@@ -225,6 +238,7 @@ class OwnerTable:
                      if not mv.unload_sent and desired(m) != mv.target]
         for model in cancelled:
             del self.moves[model]
+            self._tell(model)
         self.moves_cancelled += len(cancelled)
         return cancelled
 
@@ -293,6 +307,11 @@ class OwnerTable:
         else:
             self.owners[model] = backend
         self._bump(model)
+        self._tell(model)
+
+    def _tell(self, model: str) -> None:
+        if self.changed is not None:
+            self.changed(model)
 
     def _bump(self, model: str) -> None:
         self.clock += 1

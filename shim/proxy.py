@@ -421,6 +421,8 @@ class Proxy:
             store.subscribe(lambda old, new: self.fastpath.push(new) if self.fastpath else None)
 
     def start(self) -> None:
+        if self.fastpath is not None:
+            self.fastpath.start()  # the addons are plugged in by now
         self._reader.start()
 
     @property

@@ -43,7 +43,7 @@ from shim.config import OwnershipSection
 from shim.dialects import Form, Kind, Op
 from shim.errors import BackendError, CommandError, OwnedElsewhere, Unsupported
 from shim.metrics import Metrics
-from shim.owners import Move, OwnerTable, Refuse, Send, StartMove, Wait
+from shim.owners import ChangeListener, Move, OwnerTable, Refuse, Send, StartMove, Wait
 from shim.routing import bucket_of
 from shim.runtime import Runtime, RuntimeStore
 from shim.settings import Release
@@ -56,7 +56,9 @@ log = logging.getLogger("mmshim.ownership")
 
 #: Operations whose target is decided by the model they name.
 MODEL_KINDS = frozenset({Kind.GENERATE, Kind.LOAD, Kind.UNLOAD, Kind.MODEL_ACCESS})
-_OK = frozenset({"ok", "SUCCESS", "MODEL_READY", "success"})
+#: Reply ``status`` values that say the backend served (so holds) the model; the compiled
+#: core reads passed-through replies with the same set (shim.fastpath).
+OK_STATUSES = frozenset({"ok", "SUCCESS", "MODEL_READY", "success"})
 #: Fields of an opaque request that name models (protocol.md: preload_models etc.).
 MODEL_FIELDS = ("model_id", "model_name")
 #: Opaque commands that name a model but never load one (protocol.md, "What the deployed
@@ -269,6 +271,44 @@ class Ownership(Addon):
             return None
         return await self.weights_changed(new)
 
+    # -- the compiled core (shim.fastpath) --------------------------------------------
+
+    def fastpath_quiet(self, rt: Runtime) -> bool:
+        """Requests that name no model are none of this addon's business; the compiled
+        core sends those naming one to ``fast_owner``'s answer, or hands them up."""
+        return True
+
+    def fast_owner(self, model: str, rt: Runtime) -> str | None:
+        """The backend a request naming ``model`` may go to without asking the table:
+        its owner, when the model is not moving, not shared, and the weights want it
+        there (``OwnerTable.decide`` would answer ``Send(owner)`` and change nothing).
+        None: ask the table (the request goes up to Python)."""
+        t = self.table
+        owner = t.owners.get(model)
+        if owner is None or model in t.moves or model in t.shared \
+                or self.desired(model, rt) != owner:
+            return None
+        return owner
+
+    def watch(self, listener: ChangeListener | None) -> None:
+        """Be told of every change of a model's owner or move (``OwnerTable.changed``)."""
+        self.table.changed = listener
+
+    def fast_counts(self, model: str, backend: str, sent: int, answered: int,
+                    loaded: int) -> None:
+        """What the core did with requests naming ``model`` since it last said: ``sent``
+        to ``backend``, ``answered`` there, of which ``loaded`` with a success status
+        (``before_send`` and ``after_send`` in bulk)."""
+        t = self.table
+        t.sent(model, backend, sent)
+        t.answered(model, backend, n=answered - loaded)
+        t.answered(model, backend, n=loaded, loaded=True)
+
+    def fast_answered(self, model: str, backend: str, answer: bytes | None) -> None:
+        """One of the core's requests naming ``model``, finished in Python: ``answer``,
+        the reply passed through (None: none came)."""
+        self.table.answered(model, backend, loaded=_reply_ok(answer))
+
     # -- operator and weight changes -------------------------------------------------
 
     def commands(self) -> dict[str, CommandHandler]:
@@ -448,10 +488,15 @@ def _succeeded(flow: Flow) -> bool:
     never on the hot path of requests that name no model)."""
     if flow.result is not None:
         return flow.result.ok
-    if flow.answer is None:
+    return _reply_ok(flow.answer)
+
+
+def _reply_ok(answer: bytes | None) -> bool:
+    """A passed-through reply's ``status`` is one of ``OK_STATUSES``."""
+    if answer is None:
         return False
     try:
-        status = msgspec.json.decode(flow.answer).get("status")
+        status = msgspec.json.decode(answer).get("status")
     except (msgspec.DecodeError, AttributeError):
         return False
-    return status in _OK
+    return isinstance(status, str) and status in OK_STATUSES

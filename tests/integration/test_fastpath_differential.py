@@ -51,8 +51,9 @@ DIFF = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
 
-#: What the two shims may differ in: wall-clock timestamps written per reply.
-_TIMESTAMP = re.compile(rb'"timestamp": ?("[^"]*"|-?[0-9.e+-]+)')
+#: What the two shims may differ in: wall-clock timestamps written per reply (and the
+#: backends' per-model ``last_used`` in a merged loaded-models view).
+_TIMESTAMP = re.compile(rb'"(timestamp|last_used)": ?("[^"]*"|-?[0-9.e+-]+)')
 
 #: Metric families that must agree once both shims are quiet.
 FAMILIES = ("shim_requests_total", "shim_bad_requests_total", "shim_frontend_total",
@@ -153,7 +154,7 @@ class Clients:
 
 
 def masked(frames: list[bytes]) -> list[bytes]:
-    return [_TIMESTAMP.sub(b'"timestamp": 0', f) for f in frames]
+    return [_TIMESTAMP.sub(rb'"\1": 0', f) for f in frames]
 
 
 def assert_same(c: Clients, frames: list[bytes]) -> None:

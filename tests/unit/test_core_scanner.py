@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shim import fastpath
+from shim.addons.ownership import OK_STATUSES, _reply_ok
 
 # Skipped where no compiler built the core; under CI (which installs gcc) it must be there.
 pytestmark = pytest.mark.skipif(not fastpath.available() and not os.environ.get("CI"),
@@ -31,7 +32,8 @@ SCALAR = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=
           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
 JSON = st.recursive(SCALAR, lambda kids: st.lists(kids, max_size=4)
                     | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=12)
-OBJECTS = st.dictionaries(st.sampled_from(["action", "user", "prompt", "request_id", "x"])
+OBJECTS = st.dictionaries(st.sampled_from(["action", "user", "prompt", "request_id", "x",
+                                           "model_pref", "model_id", "model_ids", "status"])
                           | st.text(max_size=8), JSON, max_size=6)
 
 
@@ -52,7 +54,7 @@ def _check(data: bytes) -> None:
     fields = _core.routing_fields(data, b"user")
     if fields is not None:
         assert isinstance(decoded, dict), data
-        action, sticky, punt = fields
+        action, sticky, punt, pref, model_key = fields
         if isinstance(action, bytes):
             assert decoded.get("action") == action.decode(), data
         else:
@@ -67,6 +69,21 @@ def _check(data: bytes) -> None:
             assert sticky == 0 or sticky == 3 or "user" not in decoded, data
         assert punt == any(k in decoded for k in ("command", "request_id",
                                                   "conversation_id")), data
+        assert model_key == any(k in decoded for k in ("model_id", "model_name",
+                                                       "model_ids")), data
+        # model_pref: a plain string is the decoded one; null is null; absent is absent;
+        # anything else (3) is read by Python (loose_str)
+        if isinstance(pref, bytes):
+            assert decoded.get("model_pref") == pref.decode(), data
+        elif pref == 2:
+            assert decoded.get("model_pref", 0) is None, data
+        elif pref == 0:
+            assert "model_pref" not in decoded, data
+    # a reply's status as the core reads it agrees with ownership's reading
+    served = _core.status_ok(data, [s.encode() for s in OK_STATUSES])
+    if served != -1:
+        assert isinstance(decoded, dict), data
+        assert bool(served) == _reply_ok(data), data
 
 
 @settings(max_examples=400, deadline=None)
@@ -113,6 +130,23 @@ def test_mangled_json_never_passes_as_valid(obj: dict[str, Any], data: st.DataOb
     _check(bytes(raw))
 
 
+REPLY = st.fixed_dictionaries({}, optional={
+    "status": st.sampled_from([*OK_STATUSES, "error", "OK", ""]) | JSON,
+    "response": PLAIN, "model_used": PLAIN})
+
+
+@settings(max_examples=300, deadline=None)
+@given(REPLY, st.sampled_from([None, 2]))
+def test_reply_status(obj: dict[str, Any], indent: int | None) -> None:
+    """The core reads a plain reply's status itself, as ownership would."""
+    data = json.dumps(obj, indent=indent, ensure_ascii=False).encode()
+    _check(data)
+    served = _core.status_ok(data, [s.encode() for s in OK_STATUSES])
+    plain = obj.get("status") in [*OK_STATUSES, "error", "OK", "", None]
+    assert served == int(_reply_ok(data)) if plain else served in (-1, int(_reply_ok(data))), \
+        data
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=64))
 def test_bytes(data: bytes) -> None:
@@ -124,6 +158,9 @@ def test_bytes(data: bytes) -> None:
     b'{"a": "\xff\xfe"}', b'{"a": "\\ud800"}', b'{"a": 1e999}', b'{"a": NaN}', b'{"a"',
     b"\xef\xbb\xbf{}", b'{"a": 1} x', b'{"a": 01}', b'{"a": "\xed\xa0\x80"}',
     b'{"action": "generate", "action": "status"}', b'{"\\u0061ction": "generate"}',
+    b'{"status": "ok", "status": "error"}', b'{"status": "error", "status": "ok"}',
+    b'{"st\\u0061tus": "ok"}', b'{"status": "o\\u006b"}', b'{"status": ["ok"]}',
+    b'{"model_pref": "fast", "model_pref": null}', b'{"model_pref": null}',
 ])
 def test_nasty(data: bytes) -> None:
     _check(data)
