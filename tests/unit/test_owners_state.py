@@ -5,6 +5,13 @@ replies, stale polls, idle evictions and operator releases, in any order.
 Invariants after every step: no model is loaded on two backends; every request gets a
 decision (sent, refused, or waiting on a move that exists); at most one move per model.
 
+The compiled core (shim.fastpath) is modelled too: it keeps, per model, the backend a
+request may go to without a decision (owned, not moving, where the weights want it),
+updated only by the table's change listener and by a weight change, and sends there
+without asking; its sends and replies reach the table in bulk (``sent``/``answered``
+with ``n``). Its copy must always equal the table's answer, and its requests must never
+load a model twice either.
+
 The simulated backend is what the reference backends are: it serves the requests it
 has received in order, loads a model on a request that names it, and knows nothing of
 the shim. The shim's view of which backend is alive is an independent, arbitrary flag
@@ -61,6 +68,41 @@ class Ownership(RuleBasedStateMachine):
         self.polls: list[tuple[str, dict[str, int], set[str] | None]] = []
         self.now = 0.0
         self.decisions = {"sent": 0, "refused": 0, "waited": 0, "moves": 0}
+        #: The core's copy: model -> the backend it sends that model's requests to.
+        self.fast: dict[str, str | None] = {}
+        self.table.changed = self._changed
+        self._push()
+
+    # -- the compiled core's copy ---------------------------------------------------------
+
+    def _fast_owner(self, model: str) -> str | None:
+        """shim.addons.ownership.Ownership.fast_owner."""
+        owner = self.table.owners.get(model)
+        if owner is None or model in self.table.moves or self.desired[model] != owner:
+            return None
+        return owner
+
+    def _changed(self, model: str) -> None:
+        self.fast[model] = self._fast_owner(model)
+
+    def _push(self) -> None:
+        self.fast = {m: self._fast_owner(m) for m in MODELS}
+
+    @rule(model=model_st, n=st.integers(1, 3))
+    def core_request(self, model: str, n: int) -> None:
+        """``n`` requests the core sends to its copy's backend without a decision (else
+        they go up to Python: the ``request`` rule); counted into the table in bulk."""
+        backend = self.fast.get(model)
+        if backend is None:
+            return
+        for _ in range(n):
+            self._send(backend, Job(model, "load_core"))
+        self.table.sent(model, backend, n)
+
+    @invariant()
+    def core_copy_is_current(self) -> None:
+        for model in MODELS:
+            assert self.fast.get(model) == self._fast_owner(model), (model, self.table)
 
     # -- the shim's side ----------------------------------------------------------------
 
@@ -123,6 +165,7 @@ class Ownership(RuleBasedStateMachine):
     def change_weights(self, weights: dict[str, str], rollback: bool) -> None:
         """A weight change moves some models' desired backend; a rollback moves all home."""
         self.desired.update(dict.fromkeys(MODELS, "mma") if rollback else weights)
+        self._push()  # the runtime swap pushes new tables
         cancelled = self.table.cancel_stale_moves(self.desired.__getitem__)
         for model in cancelled:
             assert model not in self.table.moves
@@ -139,7 +182,7 @@ class Ownership(RuleBasedStateMachine):
         if b.stalled or not b.queue:
             return
         job = b.queue.pop(0)
-        if job.kind.startswith("load"):
+        if job.kind.startswith("load"):  # load, load_core
             b.loaded.add(job.model)
         else:
             b.loaded.discard(job.model)
@@ -183,6 +226,9 @@ class Ownership(RuleBasedStateMachine):
             move = self.table.moves.get(job.model)
             if move is not None and move.unload_sent and move.source == reply.backend:
                 self.table.unload_result(job.model, confirmed=True)
+        elif job.kind == "load_core":  # the core's reply counts, in bulk
+            self.table.answered(job.model, reply.backend, n=0)
+            self.table.answered(job.model, reply.backend, n=1, loaded=True)
         else:
             self.table.answered(job.model, reply.backend, unloaded=job.kind == "unload",
                                 loaded=job.kind == "load")
