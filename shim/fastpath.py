@@ -54,7 +54,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -160,6 +160,11 @@ class FastPath:
         self._timer_at = float("inf")
         self._sentinel: asyncio.Future[None] | None = None
         self._drain_seen = False
+        #: The addons' ``fastpath_quiet`` checks (None: one of them is never quiet) and
+        #: the backends, in the core's order (``start``); what ``_gate`` last told the core.
+        self._quiet: list[Any] | None = None  # nothing goes fast before start()
+        self._backends = [pool.backends[name] for name in self.names]
+        self._gate_in_force: tuple[bool, bytes, bool] | None = None
         self._readers: list[_Reader] = []
         self._thread = threading.get_ident()
         #: Requests the core forwarded itself (joins included), since the start.
@@ -197,7 +202,20 @@ class FastPath:
                              if getattr(a, "fast_owner", None) is not None), None)
         if self._owners is not None:
             self._owners.watch(self._owner_changed)
+        self._quiet = _quiet_checks(self.proxy.addons)
         self.push(self.proxy.runtime)
+
+    def drain_started(self) -> None:
+        """The proxy began draining: from now on the core's requests in flight are stood
+        for in ``proxy._tasks`` (the drain waits for that to empty, and cancels it at its
+        deadline: then the core's requests are cut)."""
+        self._drain_seen = True
+        self._after_batch()
+
+    @property
+    def inflight_untracked(self) -> int:
+        """The core's requests in flight that ``proxy._tasks`` does not stand for."""
+        return int(self.core.inflight) - (self._sentinel is not None)
 
     # -- tables -----------------------------------------------------------------------
 
@@ -299,20 +317,18 @@ class FastPath:
         return bytes(out)
 
     def _gate(self) -> None:
-        """What may go fast in this batch (cheap: a few attribute reads per batch)."""
+        """What may go fast in this batch (cheap: a few attribute reads per batch; the
+        core is told only when it changed)."""
         proxy = self.proxy
-        rt = proxy.runtime
+        rt = proxy.store.current
         draining = proxy.draining
-        if draining and not self._drain_seen:
-            self._drain_seen = True
         enabled = (proxy.accepting and not draining and rt.mode == "split"
-                   and all(_quiet(a, rt) for a in proxy.addons))
-        health = bytearray()
-        for name in self.names:
-            backend = proxy.pool.backends[name]
-            health.append(2 if backend.healthy else 1 if backend.connected else 0)
-        self.core.set_gate(enabled, bytes(health),
-                           draining or bool(proxy.backlog.bytes))
+                   and self._quiet is not None and all(q(rt) for q in self._quiet))
+        health = bytes([2 if b.healthy else 1 if b.connected else 0 for b in self._backends])
+        gate = (enabled, health, draining or bool(proxy.backlog.bytes))
+        if gate != self._gate_in_force:
+            self._gate_in_force = gate
+            self.core.set_gate(*gate)
 
     def open_view(self, python_open: Mapping[int, int]) -> Mapping[int, int]:
         """Requests in flight per client connection, Python's and the core's (for the
@@ -374,7 +390,7 @@ class FastPath:
         self._sync()
         core = self.core
         if core.inflight:
-            if self._sentinel is None:
+            if self._sentinel is None and self._drain_seen:
                 # The drain waits for proxy._tasks to empty; this stands for the core's.
                 self._sentinel = self._loop.create_future()
                 self._sentinel.add_done_callback(self._sentinel_done)
@@ -605,16 +621,22 @@ def _named_actions() -> Iterator[tuple[str, Kind]]:
         yield name, Kind.OTHER
 
 
-def _quiet(addon: Addon, rt: Runtime) -> bool:
-    """Whether ``addon`` needs to see no request right now: it has no data-path hook
-    (shim.addons.base), or it says so itself (``fastpath_quiet(rt) -> bool``: shadow
-    outside shadow mode, an idle recorder, the rollout engine between rollouts, the
-    metrics addon whose counts the core keeps). Any other addon with a data-path hook
-    (ownership included) sees every request: nothing goes fast."""
-    if not any(getattr(type(addon), hook) is not getattr(Addon, hook) for hook in HOOKS):
-        return True
-    own = getattr(addon, "fastpath_quiet", None)
-    return bool(own(rt)) if own is not None else False
+def _quiet_checks(addons: Iterable[Addon]) -> list[Any] | None:
+    """How to tell whether the addons need to see no request right now: one with no
+    data-path hook (shim.addons.base) never does; the others say so themselves
+    (``fastpath_quiet(rt) -> bool``: shadow outside shadow mode, an idle recorder, the
+    rollout engine between rollouts, the metrics addon whose counts the core keeps,
+    ownership for requests that name no model). None when an addon with a data-path
+    hook has no such check: it sees every request, nothing goes fast."""
+    checks = []
+    for addon in addons:
+        if not any(getattr(type(addon), hook) is not getattr(Addon, hook) for hook in HOOKS):
+            continue
+        own = getattr(addon, "fastpath_quiet", None)
+        if own is None:
+            return None
+        checks.append(own)
+    return checks
 
 
 class _Reader:

@@ -540,7 +540,9 @@ class Proxy:
 
     @property
     def inflight(self) -> int:
-        return len(self._tasks)
+        """Requests in flight: Python's tasks and the compiled core's."""
+        extra = self.fastpath.inflight_untracked if self.fastpath is not None else 0
+        return len(self._tasks) + extra
 
     async def drain(self, timeout_s: float, quiet_s: float = 0.05) -> int:
         """Stop accepting connections, answer every request received (in flight or
@@ -553,6 +555,8 @@ class Proxy:
         SHIM_SHUTTING_DOWN. Returns how many requests had to be cut short.
         """
         self.draining = True
+        if self.fastpath is not None:
+            self.fastpath.drain_started()
         self._last_activity = time.monotonic()
         deadline = self._last_activity + timeout_s
         if self._listen_fd is not None and self.release_on_drain:
