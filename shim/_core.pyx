@@ -574,6 +574,7 @@ cdef class Core:
     cdef uint64_t lat_buckets[MAX_ACTIONS][MAX_BACKENDS][NLAT]
     cdef uint64_t n_late[MAX_BACKENDS]
     cdef uint64_t n_success[MAX_BACKENDS]
+    cdef uint32_t touched   # backends whose late/success/in-flight counts moved (bit b)
     cdef uint64_t n_inflight_b[MAX_BACKENDS]
     cdef uint64_t m_sent[MAX_MODELS][MAX_BACKENDS]
     cdef uint64_t m_done[MAX_MODELS][MAX_BACKENDS]
@@ -1073,6 +1074,7 @@ cdef class Core:
                 continue
             self.inflight_n += 1
             self.n_inflight_b[b] += 1
+            self.touched |= 1u << b
             if model >= 0:
                 self.m_sent[model][b] += 1
                 self.m_touched = 1
@@ -1104,6 +1106,7 @@ cdef class Core:
                 self._hdel(idx)
             self.inflight_n -= 1
             self.n_inflight_b[s.backend] -= 1
+            self.touched |= 1u << s.backend
         free_envs(s.envs)
         s.envs = NULL
         free(s.payload)
@@ -1203,6 +1206,7 @@ cdef class Core:
             s = &self.slots[idx] if idx < self.nslots else NULL
             if s == NULL or not s.used or (s.gen & 0x7FFFFFFF) != gen or s.backend != b:
                 self.n_late[b] += 1  # after its deadline (answered already), or confused
+                self.touched |= 1u << b
                 for k in range(nf):
                     z_msg_close(&msgs[k])
                 while more:
@@ -1212,6 +1216,7 @@ cdef class Core:
                     z_msg_close(&extra)
                 continue
             self.n_success[b] += 1  # a reply came: the pool's success accounting
+            self.touched |= 1u << b
             rlen = z_msg_size(&msgs[2]) if nf >= 3 else 0
             # big replies go through Python, whose backlog bounds what a client that does
             # not read may cost (forwarded here, they piled up: tests/reliability/test_memory)
@@ -1396,9 +1401,10 @@ cdef class Core:
         return out
 
     def take_counts(self):
-        """Counters since the last call: ``(requests, replies, unroutable, joins, late
-        per backend, successes per backend, [(action row, backend, n, seconds,
-        per-bucket counts)])``; zeroed, so that each count is added once."""
+        """Counters since the last call: ``(requests, replies, unroutable, joins,
+        [(backend, late replies, successes, in flight now)] for the backends whose counts
+        moved, [(action row, backend, n, seconds, per-bucket counts)])``; zeroed, so that
+        each count is added once."""
         cdef int a, b, k
         rows = []
         for a in range(MAX_ACTIONS):
@@ -1410,11 +1416,14 @@ cdef class Core:
                     self.lat_sum[a][b] = 0
                     for k in range(NLAT):
                         self.lat_buckets[a][b][k] = 0
-        late = [self.n_late[b] for b in range(self.nbackends)]
-        ok = [self.n_success[b] for b in range(self.nbackends)]
-        for b in range(self.nbackends):
-            self.n_late[b] = 0
-            self.n_success[b] = 0
-        out = (self.n_requests, self.n_replies, self.n_unroutable, self.n_joins, late, ok, rows)
+        moved = []
+        if self.touched:
+            for b in range(self.nbackends):
+                if self.touched & (1u << b):
+                    moved.append((b, self.n_late[b], self.n_success[b], self.n_inflight_b[b]))
+                    self.n_late[b] = 0
+                    self.n_success[b] = 0
+            self.touched = 0
+        out = (self.n_requests, self.n_replies, self.n_unroutable, self.n_joins, moved, rows)
         self.n_requests = self.n_replies = self.n_unroutable = self.n_joins = 0
         return out

@@ -544,7 +544,7 @@ class FastPath:
         """Add the core's counters to the proxy's counts and the Prometheus metrics."""
         if self._owners is not None:
             self._sync_models()
-        requests, replies, unroutable, joins, late, ok, rows = self.core.take_counts()
+        requests, replies, unroutable, joins, moved, rows = self.core.take_counts()
         proxy = self.proxy
         metrics = proxy.metrics
         self.fast_requests += requests
@@ -557,20 +557,18 @@ class FastPath:
                 metrics.unroutable.inc(unroutable)
         if joins:
             metrics.duplicate_joins.labels("bytes").inc(joins)
-        backends = proxy.pool.backends
-        for i, name in enumerate(self.names):
-            if late[i]:
-                metrics.late_replies.labels(name).inc(late[i])
-            if ok[i]:
-                backend = backends[name]
+        for i, late, ok, now in moved:
+            if late:
+                metrics.late_replies.labels(self.names[i]).inc(late)
+            if ok:
+                backend = self._backends[i]
                 if backend.on_result is None:
                     backend.record_success()
                 else:
-                    for _ in range(ok[i]):
+                    for _ in range(ok):
                         backend.record_success()
             endpoint = self._endpoints[i]
             if endpoint is not None:  # per-backend inflight includes the core's
-                now = self.core.inflight_of(i)
                 endpoint.outstanding += now - self._synced_inflight[i]
                 self._synced_inflight[i] = now
         for row, b, n, seconds, buckets in rows:
