@@ -550,10 +550,6 @@ cdef class Core:
     cdef int enabled
     cdef uint8_t healthy[MAX_BACKENDS]
     cdef int punt_replies
-    # per action row: may every backend with a share of the buckets take it fast now?
-    # (a request routed by a random bucket goes fast only then: were it punted for the
-    # backend its draw picked, Python would draw again and skew the split)
-    cdef uint8_t all_ok[MAX_ACTIONS]
     # in flight
     cdef Slot *slots
     cdef uint32_t nslots
@@ -693,7 +689,6 @@ cdef class Core:
         self.nbounds = len(bounds)
         self.sticky_key = sticky_key
         self.bucket_of = bucket_of
-        self._all_ok()
 
     def set_owners(self, bint active, list prefs, tuple fallback, list ok_status):
         """The owner table (shim.addons.ownership, through shim.fastpath), installed at
@@ -746,19 +741,6 @@ cdef class Core:
         model[0] = self.fallback_model
         return self.fallback_backend
 
-    cdef void _all_ok(self) noexcept:
-        cdef int row, i, b, low
-        for row in range(MAX_ACTIONS):
-            self.all_ok[row] = 1
-            low = 0
-            for i in range(self.nbounds):
-                b = self.table_backend[i]
-                if self.bounds[i] > low and (
-                        b < 0 or b >= self.nbackends or self.backs[b] == NULL
-                        or not self.ok[row][b] or self.healthy[b] < self.ok[row][b]):
-                    self.all_ok[row] = 0
-                low = self.bounds[i]
-
     def set_gate(self, bint enabled, bytes healthy, bint punt_replies):
         """Per batch: whether anything may go fast now (no addon needs to see requests,
         not draining), which backends are healthy, and whether replies must go through
@@ -768,7 +750,6 @@ cdef class Core:
         for j in range(self.nbackends):
             self.healthy[j] = healthy[j] if j < len(healthy) else 0
         self.punt_replies = punt_replies
-        self._all_ok()
 
     # -- the frontend --------------------------------------------------------------------
 
@@ -780,10 +761,11 @@ cdef class Core:
                 return i
         return self.other_action
 
-    cdef int _choose(self, Fields *f) except -2:
-        """The backend of the request's bucket, or -1 (punt)."""
+    cdef int _bucket(self, Fields *f) except -2:
+        """The request's routing bucket (shim.routing: its sticky key's, else a random
+        draw), or -1 (punt: a key Python reads)."""
         cdef uint64_t x
-        cdef int bucket, i
+        cdef int bucket
         if f.sticky_kind == 1 or f.sticky_kind == 2:
             key = PyBytes_FromStringAndSize(<const char *>f.sticky, f.sticky_len)
             try:
@@ -802,6 +784,11 @@ cdef class Core:
             x ^= x >> 27
             self.rng = x
             bucket = <int>(((x * 2685821657736338717ULL) >> 32) % NBUCKETS)
+        return bucket
+
+    cdef int _backend_of(self, int bucket) noexcept:
+        """The backend whose range holds ``bucket`` (shim.routing.RoutingTable), or -1."""
+        cdef int i
         for i in range(self.nbounds):
             if bucket < self.bounds[i]:
                 return self.table_backend[i]
@@ -920,11 +907,13 @@ cdef class Core:
 
     def pump_frontend(self, int budget):
         """Read up to ``budget`` client messages. Returns the messages Python must
-        handle, as ``(frames, fd)`` (``Proxy._on_frames``' argument), and the number of
+        handle, as ``(frames, fd)`` or, when the core drew the request's random routing
+        bucket, ``(frames, fd, bucket)`` (``Proxy._on_frames``' argument: Python routes
+        it by that bucket and never draws again, so the split stays exact), and the number of
         messages read (fast ones included)."""
         cdef zmq_msg_t msgs[MAX_FRAMES + 1]
         cdef zmq_msg_t extra
-        cdef int nf, rc, more, overflow, fd, row, b, k, dup, model
+        cdef int nf, rc, more, overflow, fd, row, b, k, dup, model, bucket, drawn
         cdef int read = 0
         cdef size_t plen, total, off, held = 0
         cdef const uint8_t *pay
@@ -961,6 +950,7 @@ cdef class Core:
             b = -1
             row = -1
             model = -1
+            drawn = -1  # a random bucket drawn here: handed up with a punted request
             if not overflow and self.enabled and nf >= 3 and z_msg_size(&msgs[nf - 2]) == 0:
                 b = 0
                 for k in range(nf - 2):
@@ -984,9 +974,12 @@ cdef class Core:
                             if not self.ok[row][b] or self.healthy[b] < 1 \
                                     or self.backs[b] == NULL:
                                 b = -1
-                        elif b == -2 and (f.sticky_kind != 0 or self.all_ok[row]):
+                        elif b == -2:
                             model = -1
-                            b = self._choose(&f)
+                            bucket = self._bucket(&f)
+                            if f.sticky_kind == 0:
+                                drawn = bucket  # Python routes by it, never draws again
+                            b = self._backend_of(bucket) if bucket >= 0 else -1
                             if b < 0 or b >= self.nbackends or not self.ok[row][b] \
                                     or self.healthy[b] < self.ok[row][b] \
                                     or self.backs[b] == NULL:
@@ -1007,7 +1000,7 @@ cdef class Core:
                         frames.append(PyBytes_FromStringAndSize(
                             <const char *>z_msg_data(&extra), z_msg_size(&extra)))
                         z_msg_close(&extra)
-                punted.append((frames, fd))
+                punted.append((frames, fd) if drawn < 0 else (frames, fd, drawn))
                 for k in range(len(frames)):
                     held += PyBytes_GET_SIZE(frames[k])
                 if held > HOLD_MAX:  # Python handles these before more is read
@@ -1070,7 +1063,8 @@ cdef class Core:
                 # from the start, as if it had never been here.
                 z_msg_close(&msgs[nf - 1])
                 self.n_requests -= 1
-                punted.append((self._release_frames(idx), fd))
+                frames = self._release_frames(idx)
+                punted.append((frames, fd) if drawn < 0 else (frames, fd, drawn))
                 continue
             self.inflight_n += 1
             self.n_inflight_b[b] += 1

@@ -8,7 +8,10 @@ Python), ``conversation_id`` (conversation stickiness) or ``command``. Everythin
 goes up to Python unchanged through one narrow interface:
 
 - client messages the core did not take: ``Proxy._on_frames((frames, fd))``, exactly as
-  the pure-Python reader would have delivered them;
+  the pure-Python reader would have delivered them, or ``(frames, fd, bucket)`` when the
+  core drew the request's random routing bucket and the backend it picked cannot take it
+  fast (a translated one): Python routes it by that bucket, so the weights' split is the
+  same whichever path a request takes;
 - backend replies whose correlation id is not the core's (ids with the top bit set are
   the core's; the pool counts up from 1): ``BackendPool._on_reply(endpoint, frames)``;
 - the core's own requests that need Python to finish them (a reply it cannot vouch for

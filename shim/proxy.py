@@ -230,7 +230,8 @@ class DataPath:
             return [rule.pin]
         rt = flow.rt
         key = msg.get(self._sticky_key) if self._sticky_key else None
-        bucket = bucket_of(str(key)) if key is not None else random_bucket()
+        bucket = (bucket_of(str(key)) if key is not None
+                  else flow.bucket if flow.bucket >= 0 else random_bucket())
         primary = rt.table.backend_for(bucket)
         candidates = [primary, *(n for n in rt.table.names if n != primary)]
         if op.dialect != LEGACY:  # clients already on the new dialect go to it unchanged
@@ -432,10 +433,12 @@ class Proxy:
 
     # -- 1. frontend -----------------------------------------------------------------
 
-    def _on_frames(self, message: tuple[Frames, int]) -> None:
-        """One multipart message from a client: ``[identity..., b"", payload]``, and the
-        descriptor of the connection it came on (for the drain: shim.drain)."""
-        frames, fd = message
+    def _on_frames(self, message: tuple[Frames, int] | tuple[Frames, int, int]) -> None:
+        """One multipart message from a client: ``[identity..., b"", payload]``, the
+        descriptor of the connection it came on (for the drain: shim.drain), and from the
+        compiled core the random routing bucket it drew already (shim.fastpath)."""
+        frames, fd = message[0], message[1]
+        bucket = message[2] if len(message) > 2 else -1
         self.counts["requests"] += 1
         if self.draining:
             self._last_activity = time.monotonic()
@@ -465,7 +468,7 @@ class Proxy:
                 joined.add_done_callback(
                     lambda f: self._answer_joined(envelope, f.result(), fd))
                 return
-            task = self._loop.create_task(self._handle(envelope, body, future, fd))
+            task = self._loop.create_task(self._handle(envelope, body, future, fd, bucket))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -521,11 +524,12 @@ class Proxy:
     # -- 2..5. one request: the data path, then the one reply --------------------------
 
     async def _handle(self, envelope: Frames, body: Frames,
-                      future: asyncio.Future[Reply], fd: int = -1) -> None:
+                      future: asyncio.Future[Reply], fd: int = -1, bucket: int = -1) -> None:
         """Serve one request; its reply also answers every duplicate that joined it."""
         started = time.perf_counter()
         # The Runtime is read once: a concurrent change applies to the next request.
         flow = Flow(body, None, None, self.store.current, started, started)
+        flow.bucket = bucket
         try:
             await self.path.handle(flow, future)
         finally:

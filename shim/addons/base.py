@@ -68,8 +68,9 @@ class Flow:
     ``backend``'s answer to ``op``: what shadow and recording look at).
     """
 
-    __slots__ = ("action", "answer", "backend", "body", "deadline", "exchanged", "msg",
-                 "op", "outcome", "reply", "result", "rt", "sent_at", "served_by", "started")
+    __slots__ = ("action", "answer", "backend", "body", "bucket", "deadline", "exchanged",
+                 "msg", "op", "outcome", "reply", "result", "rt", "sent_at", "served_by",
+                 "started")
 
     def __init__(self, body: list[bytes], msg: object, op: Op | None, rt: Runtime,
                  started: float, deadline: float) -> None:
@@ -89,6 +90,9 @@ class Flow:
         self.outcome = "ok"
         self.served_by = "none"
         self.exchanged = False
+        #: The routing bucket drawn for it already (the compiled core's draw, handed up
+        #: with the request: shim.fastpath), or -1: routing draws one if it needs one.
+        self.bucket = -1
 
     @property
     def request(self) -> bytes:

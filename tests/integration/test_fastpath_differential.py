@@ -14,6 +14,7 @@ carried part of the traffic (else the comparison proves nothing).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -338,3 +339,41 @@ def test_many_in_flight(tmp_path: Path) -> None:
         sock.close(0)
         ctx.term()
         _stop(pair)
+
+
+def test_split_with_a_translated_backend(tmp_path: Path) -> None:
+    """50/50 between an MMA backend (bytes passed: the core's) and an MMS one
+    (translated: Python's), requests without a sticky key: the core draws each one's
+    bucket and hands the MMS ones up with it, so both shims split alike (were Python to
+    draw again, the MMA share would be 75 %, not 50 %)."""
+    backends = {"mma": start_fake("A"), "mms": start_fake("S", "mms")}
+    p = _start_pair(tmp_path, backends, {"mma": 50, "mms": 50})
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.LINGER, 0)
+    total, window = 1200, 50
+    try:
+        shares = []
+        for shim in (p.fast, p.slow):
+            before = {n: sum(fake_counts(f).values()) for n, f in backends.items()}
+            sock = dealer(ctx, shim.endpoint)
+            sent = got = 0
+            while got < total:
+                while sent < total and sent - got < window:
+                    sock.send_multipart([b"", b'{"action": "generate", "prompt": "s%d"}' % sent])
+                    sent += 1
+                assert sock.poll(int(REPLY_S * 1000)), f"stuck after {got} replies"
+                reply = sock.recv_multipart()[1]
+                assert json.loads(reply)["status"] == "ok", reply
+                got += 1
+            sock.close(0)
+            wait_until(lambda b=before: sum(sum(fake_counts(f).values()) - b[n]
+                                            for n, f in backends.items()) >= total,
+                       10.0, "every request counted at a backend")
+            mma = sum(fake_counts(backends["mma"]).values()) - before["mma"]
+            shares.append(mma / total)
+        # 1,200 fair coin flips: 50 % +- 6 % is more than 4 standard deviations.
+        assert all(0.44 <= s <= 0.56 for s in shares), shares
+        assert metric(p.fast.metrics(), "shim_fastpath_requests_total") > 0.3 * total
+    finally:
+        ctx.destroy(0)
+        _stop(p)
