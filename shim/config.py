@@ -68,6 +68,10 @@ class ShimSection(Base, frozen=True):
     reconnect_grace_ms: int = 3000
     #: The backend opaque requests go to; empty: the legacy-dialect (MMA) backend.
     opaque_backend: str = ""
+    #: The compiled data plane (shim.fastpath, issue 17): "auto" uses it when it is built,
+    #: "off" keeps every request in Python. ``MMSHIM_FASTPATH`` in the environment, when
+    #: set, overrides this (A/B runs of one config: bench, the differential tests).
+    fastpath: Literal["auto", "off"] = "auto"
     #: Hard cap on one frame from the network (frontend, health, admin): libzmq drops a
     #: peer that sends more (ZMQ_MAXMSGSIZE) before buffering it whole. Above the soft
     #: ``max_request_bytes``, which gets a SHIM_BAD_REQUEST reply instead.

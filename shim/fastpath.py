@@ -45,7 +45,8 @@ action) latencies; they are added to ``proxy.counts`` and the existing Prometheu
 metrics (``shim_requests_total``, ``shim_request_latency_seconds``, ...) once per batch
 and at scrape time, never per request.
 
-Switch: ``MMSHIM_FASTPATH=off`` (environment) or a missing compiled module keeps the
+Switch: ``shim.fastpath = "off"`` in the config (or ``MMSHIM_FASTPATH=off`` in the
+environment, which overrides the config) or a missing compiled module keeps the
 pure-Python data path; ``auto`` (default) uses the core when it is built.
 """
 
@@ -111,15 +112,16 @@ def available() -> bool:
     return _core is not None
 
 
-def wanted() -> bool:
-    """``MMSHIM_FASTPATH`` (``auto``, the default, or ``off``) and the core's presence."""
-    return os.environ.get("MMSHIM_FASTPATH", "auto").lower() != "off" and available()
+def wanted(setting: str = "auto") -> bool:
+    """``setting`` (``shim.fastpath``: ``auto`` or ``off``), overridden by the
+    environment's ``MMSHIM_FASTPATH`` when set, and the core's presence."""
+    return os.environ.get("MMSHIM_FASTPATH", setting).lower() != "off" and available()
 
 
 def install(proxy: Proxy) -> FastPath | None:
     """Put the compiled core under ``proxy`` (before ``proxy.start()``); None when the
     core is off or unavailable (the pure-Python path stays)."""
-    if not wanted():
+    if not wanted(proxy.cfg.shim.fastpath):
         return None
     fast = FastPath(proxy)
     fast.push(proxy.runtime)

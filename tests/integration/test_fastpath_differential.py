@@ -377,3 +377,36 @@ def test_split_with_a_translated_backend(tmp_path: Path) -> None:
     finally:
         ctx.destroy(0)
         _stop(p)
+
+
+@pytest.mark.parametrize(("setting", "env", "fast"), [
+    ("off", None, False), ("auto", None, True), ("off", "auto", True), ("auto", "off", False)])
+def test_switch(tmp_path: Path, setting: str, env: str | None, fast: bool) -> None:
+    """``shim.fastpath`` in the config switches the core; ``MMSHIM_FASTPATH`` overrides it."""
+    backends = {"mma": start_fake("A")}
+    cfg = shim_config(backends, tmp_path)
+    cfg["shim"]["fastpath"] = setting
+    old = os.environ.pop("MMSHIM_FASTPATH", None)
+    if env is not None:
+        os.environ["MMSHIM_FASTPATH"] = env
+    try:
+        shim = start_ready(cfg, tmp_path)
+    finally:
+        os.environ.pop("MMSHIM_FASTPATH", None)
+        if old is not None:
+            os.environ["MMSHIM_FASTPATH"] = old
+    ctx = zmq.Context()
+    sock = dealer(ctx, shim.endpoint)
+    try:
+        for i in range(5):
+            sock.send_multipart([b"", b'{"action": "generate", "prompt": "w%d"}' % i])
+            assert sock.poll(int(REPLY_S * 1000))
+            sock.recv_multipart()
+        settled_counts(shim, requests=5)
+        carried = metric(shim.metrics(), "shim_fastpath_requests_total")
+        assert carried == (5 if fast else 0), carried
+    finally:
+        sock.close(0)
+        ctx.term()
+        shim.stop()
+        backends["mma"].kill()
