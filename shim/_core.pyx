@@ -77,7 +77,7 @@ DEF MAX_MODELS = 64      # models the owner table names (shim.fastpath assigns t
 DEF MAX_PREFS = 64       # model_pref values the owner table knows
 DEF MAX_OK_STATUS = 8    # reply statuses that say a model was served (ownership.OK_STATUSES)
 DEF CORR_MARK = 0x8000000000000000  # the core's ids; the pool counts up from 1
-DEF FAST_REPLY_MAX = 65536  # larger replies are handed to Python (see pump_backend)
+DEF FAST_REPLY_MAX = 65536  # larger replies are handed to Python (see _read_back)
 DEF HOLD_MAX = 1048576   # bytes handed up to Python per call, at most (one message over it)
 
 cdef double LAT_BOUNDS[13]
@@ -905,12 +905,46 @@ cdef class Core:
         self._sift_down(0)
         return top
 
-    def pump_frontend(self, int budget):
-        """Read up to ``budget`` client messages. Returns the messages Python must
-        handle, as ``(frames, fd)`` or, when the core drew the request's random routing
-        bucket, ``(frames, fd, bucket)`` (``Proxy._on_frames``' argument: Python routes
-        it by that bucket and never draws again, so the split stays exact), and the number of
-        messages read (fast ones included)."""
+    def pump(self, bint front, uint32_t armed, int budget):
+        """Read the frontend (when ``front``) and the backends in ``armed`` (bit b: backend
+        b's reader is started), up to ``budget`` messages per socket and pass, pass after
+        pass until one reads nothing (at most 4; a send on one socket may take another's
+        read edge). Returns None when nothing needs Python, else ``(punted, foreign,
+        resume, parked, more)``:
+
+        - ``punted``: client messages for ``Proxy._on_frames``, as ``(frames, fd)`` or,
+          when the core drew the request's random routing bucket, ``(frames, fd,
+          bucket)`` (Python routes it by that bucket and never draws again, so the split
+          stays exact);
+        - ``foreign``: ``(backend, frames)``, replies that are not the core's (for
+          ``BackendPool._on_reply``);
+        - ``resume``: the core's requests Python must finish (``_resume`` tuples);
+        - ``parked``: ``(frames, fd)`` replies for Python's backlog (the client's queue is
+          full);
+        - ``more``: a socket may have more (a budget was spent, or more than HOLD_MAX
+          bytes were handed up): pump again after Python's turn."""
+        cdef list punted = [], foreign = [], resume = [], parked = []
+        cdef int passes, read, busy, b
+        cdef int more = 0
+        for passes in range(4):
+            busy = 0
+            if front:
+                read = self._read_front(budget, punted)
+                busy += read
+                more = more or read >= budget
+            for b in range(self.nbackends):
+                if armed & (1u << b) and self.backs[b] != NULL:
+                    read = self._read_back(b, budget, foreign, resume, parked)
+                    busy += read
+                    more = more or read >= budget
+            if not busy or more:
+                break
+        if not (punted or foreign or resume or parked or more):
+            return None
+        return punted, foreign, resume, parked, bool(more)
+
+    cdef int _read_front(self, int budget, list punted) except -1:
+        """Read up to ``budget`` client messages (``pump``); the number read."""
         cdef zmq_msg_t msgs[MAX_FRAMES + 1]
         cdef zmq_msg_t extra
         cdef int nf, rc, more, overflow, fd, row, b, k, dup, model, bucket, drawn
@@ -924,7 +958,6 @@ cdef class Core:
         cdef uint64_t corr, h
         cdef uint8_t cbuf[8]
         cdef double t
-        punted = []
         while read < budget:
             z_msg_init(&msgs[0])
             rc = z_msg_recv(&msgs[0], self.front, ZMQ_DONTWAIT)
@@ -1078,7 +1111,7 @@ cdef class Core:
                     self._rehash()
                 self._hput(idx)
             self._heap_push((<uint64_t>idx << 32) | s.gen)
-        return punted, read
+        return read
 
     cdef list _release_frames(self, uint32_t idx):
         """Free slot ``idx`` (never sent) and give back its one client's frames."""
@@ -1136,11 +1169,10 @@ cdef class Core:
 
     # -- the backends --------------------------------------------------------------------
 
-    def pump_backend(self, int b, int budget):
-        """Read up to ``budget`` replies from backend ``b``'s socket. Returns the replies
-        that are not the core's (for ``BackendPool._on_reply``), the core's requests that
-        Python must finish (``_resume`` tuples), replies to park in Python's backlog
-        (``(frames, fd)``: the client's queue is full), and the number of messages read."""
+    cdef int _read_back(self, int b, int budget, list foreign, list resume,
+                        list parked) except -1:
+        """Read up to ``budget`` replies from backend ``b``'s socket (``pump``); the
+        number read."""
         cdef zmq_msg_t msgs[4]
         cdef zmq_msg_t extra
         cdef int nf, rc, more, k, read = 0, consumed, served = 0
@@ -1152,11 +1184,8 @@ cdef class Core:
         cdef size_t off, rlen, held = 0
         cdef double t
         cdef void *sock = self.backs[b]
-        foreign = []
-        resume = []
-        parked = []
         if sock == NULL:
-            return foreign, resume, parked, 0
+            return 0
         while read < budget:
             z_msg_init(&msgs[0])
             rc = z_msg_recv(&msgs[0], sock, ZMQ_DONTWAIT)
@@ -1188,7 +1217,7 @@ cdef class Core:
                     frames.append(PyBytes_FromStringAndSize(
                         <const char *>z_msg_data(&extra), z_msg_size(&extra)))
                     z_msg_close(&extra)
-                foreign.append(frames)
+                foreign.append((b, frames))
                 for k in range(len(frames)):
                     held += PyBytes_GET_SIZE(frames[k])
                 if held > HOLD_MAX:
@@ -1289,7 +1318,7 @@ cdef class Core:
             if held > HOLD_MAX:  # replies waiting for the backlog: Python first
                 read = budget
                 break
-        return foreign, resume, parked, read
+        return read
 
     cdef Env *_reverse(self, Slot *s) noexcept:
         """Put the slot's envelopes in arrival order (joins were pushed on the front)."""

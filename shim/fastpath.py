@@ -171,6 +171,8 @@ class FastPath:
         self._backends = [pool.backends[name] for name in self.names]
         self._gate_in_force: tuple[bool, bytes, bool] | None = None
         self._readers: list[_Reader] = []
+        #: Bit i: backend i's reader is started (the core reads its socket).
+        self._armed = 0
         self._thread = threading.get_ident()
         #: Requests the core forwarded itself (joins included), since the start.
         self.fast_requests = 0
@@ -179,16 +181,15 @@ class FastPath:
         # start/stop/kick interface as shim.sockets.BatchReader); every one of them
         # drives the one pump, which reads all the sockets (their read edges interact:
         # a send on one may consume another's).
-        front = _Reader(self, proxy.frontend)
+        front = _Reader(self, proxy.frontend, 0)
         proxy._reader = front  # type: ignore[assignment]
         self._front = front
-        self._active: list[int] = []
         for i, endpoint in enumerate(self._endpoints):
             if endpoint is None:
                 continue
             assert endpoint.reader is not None
             endpoint.reader.stop()
-            reader = _Reader(self, endpoint.sock)
+            reader = _Reader(self, endpoint.sock, 1 << i)
             endpoint.reader = reader  # type: ignore[assignment]
             if endpoint.monitor_reader is not None:  # see _on_monitor
                 seen = endpoint.monitor_reader._on_message
@@ -196,7 +197,6 @@ class FastPath:
                     self._on_monitor, i, seen)
             reader.start()
             self._readers.append(reader)
-            self._active.append(i)
         proxy.metrics.registry.register(_CoreCollector(self))
 
     def start(self) -> None:
@@ -358,35 +358,23 @@ class FastPath:
         spent: then again on the next loop pass, after other work)."""
         self._scheduled = False
         self._gate()
-        core = self.core
-        proxy = self.proxy
-        front = self._front._armed  # stopped by a drain's close, or not started yet
+        # The frontend's reader is stopped by a drain's close (or not started yet), the
+        # backends' when the pool closes.
+        out = self.core.pump(self._front._armed, self._armed, BATCH)
         more = False
-        for _ in range(4):
-            punted, read = core.pump_frontend(BATCH) if front else ((), 0)
-            busy = read
-            more = read >= BATCH
-            if punted:
-                on_frames = proxy._on_frames
-                for message in punted:
-                    on_frames(message)
-            for i, reader in zip(self._active, self._readers, strict=True):
-                if not reader._armed:  # the pool is closed
-                    continue
-                foreign, resume, parked, read = core.pump_backend(i, BATCH)
-                busy += read
-                more = more or read >= BATCH
-                if foreign:
-                    endpoint = self._endpoints[i]
-                    on_reply = proxy.pool._on_reply
-                    for frames in foreign:
-                        on_reply(endpoint, frames)  # type: ignore[arg-type]
-                for item in resume:
-                    self._finish(item, None)
-                for frames, _fd in parked:  # the client's queue is full: the backlog
-                    proxy.backlog.park(frames)
-            if not busy or more:
-                break
+        if out is not None:  # something for Python
+            punted, foreign, resume, parked, more = out
+            proxy = self.proxy
+            if self._owners is not None:
+                self._sync_models()  # before Python runs: the table sees the core's sends
+            for message in punted:
+                proxy._on_frames(message)
+            for i, frames in foreign:
+                proxy.pool._on_reply(self._endpoints[i], frames)  # type: ignore[arg-type]
+            for item in resume:
+                self._finish(item, None)
+            for frames, _fd in parked:  # the client's queue is full: the backlog
+                proxy.backlog.park(frames)
         self._after_batch()
         if more:
             self.schedule()
@@ -647,26 +635,30 @@ class _Reader:
     ``stop``, ``kick``), so the proxy and pool use it unchanged; every event runs the
     shared pump."""
 
-    __slots__ = ("_armed", "_fast", "_fd", "sock")
+    __slots__ = ("_armed", "_bit", "_fast", "_fd", "sock")
 
-    def __init__(self, fast: FastPath, sock: Any) -> None:
+    def __init__(self, fast: FastPath, sock: Any, bit: int) -> None:
+        """``bit``: the backend's bit in ``FastPath._armed`` (0 for the frontend)."""
         import zmq
 
         self.sock = sock
         self._fast = fast
         self._fd: int = sock.getsockopt(zmq.FD)
         self._armed = False
+        self._bit = bit
 
     def start(self) -> None:
         if not self._armed:
             self._fast._loop.add_reader(self._fd, self._fast.pump)
             self._armed = True
+            self._fast._armed |= self._bit
         self._fast.schedule()
 
     def stop(self) -> None:
         if self._armed:
             self._fast._loop.remove_reader(self._fd)
             self._armed = False
+            self._fast._armed &= ~self._bit
 
     def kick(self) -> None:
         if self._armed:
