@@ -261,7 +261,9 @@ class FastPath:
             self.core.set_owners(False, [], (-1, -2), [])
             return
         index = {name: i for i, name in enumerate(self.names)}
+
         def entry(pref: str) -> tuple[int, int]:
+            """(model id, backend): >= 0 its fast owner, -1 ask Python, -2 no model."""
             model = resolve_pref(pref, rt.policy)
             if model is None:
                 return -1, -2  # names no model: the weights route it
@@ -269,14 +271,13 @@ class FastPath:
             owner = self._owners.fast_owner(model, rt) if mid >= 0 else None
             return mid, index.get(owner, -1) if owner is not None else -1
 
-        prefs = []
-        for pref in rt.policy:
-            mid, backend = entry(pref)
-            prefs.append((pref.encode(), mid, backend))
         self._policy_models = frozenset(rt.policy.values())
-        self.core.set_owners(True, prefs[:_MAX_PREFS] if len(prefs) <= _MAX_PREFS else [],
-                             entry("fast") if len(prefs) <= _MAX_PREFS else (-1, -1),
-                             [s.encode() for s in OK_STATUSES])
+        if len(rt.policy) > _MAX_PREFS:  # more than the core holds: all up to Python
+            self.core.set_owners(True, [], (-1, -1), [])
+            return
+        prefs = [(pref.encode(), *entry(pref)) for pref in rt.policy]
+        # a model_pref not in the policy is MMA's "fast" (shim.dialects.mma.resolve_pref)
+        self.core.set_owners(True, prefs, entry("fast"), [s.encode() for s in OK_STATUSES])
 
     def _model_id(self, model: str) -> int:
         """The core's id for ``model`` (-1 when its table is full: the model stays in
