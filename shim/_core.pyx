@@ -571,6 +571,10 @@ cdef class Core:
     cdef uint64_t n_late[MAX_BACKENDS]
     cdef uint64_t n_success[MAX_BACKENDS]
     cdef uint32_t touched   # backends whose late/success/in-flight counts moved (bit b)
+    # sockets sent on since they were last read to EAGAIN (bit 0 the frontend, bit b + 1
+    # backend b): libzmq may have taken their read edge (ZMQ_FD) while sending, so they
+    # must be read again before the loop waits for the next edge
+    cdef uint32_t dirty
     cdef uint64_t n_inflight_b[MAX_BACKENDS]
     cdef uint64_t m_sent[MAX_MODELS][MAX_BACKENDS]
     cdef uint64_t m_done[MAX_MODELS][MAX_BACKENDS]
@@ -905,11 +909,14 @@ cdef class Core:
         self._sift_down(0)
         return top
 
-    def pump(self, bint front, uint32_t armed, int budget):
-        """Read the frontend (when ``front``) and the backends in ``armed`` (bit b: backend
-        b's reader is started), up to ``budget`` messages per socket and pass, pass after
-        pass until one reads nothing (at most 4; a send on one socket may take another's
-        read edge). Returns None when nothing needs Python, else ``(punted, foreign,
+    def pump(self, uint32_t readable, uint32_t todo, int budget):
+        """Read the sockets in ``todo`` (bit 0 the frontend, bit b + 1 backend b: those
+        whose read edge fired, or that Python sent on) among ``readable`` (those whose
+        reader is started), up to ``budget`` messages per socket and pass; then again the
+        readable sockets sent on after they were read (libzmq may have taken their read
+        edge while sending), at most 4 passes. Each read ends on EAGAIN, which costs
+        libzmq a system call (its mailbox check), so a socket is read only when needed.
+        Returns None when nothing needs Python, else ``(punted, foreign,
         resume, parked, more)``:
 
         - ``punted``: client messages for ``Proxy._on_frames``, as ``(frames, fd)`` or,
@@ -924,20 +931,24 @@ cdef class Core:
         - ``more``: a socket may have more (a budget was spent, or more than HOLD_MAX
           bytes were handed up): pump again after Python's turn."""
         cdef list punted = [], foreign = [], resume = [], parked = []
-        cdef int passes, read, busy, b
+        cdef int passes, read, b
         cdef int more = 0
+        todo &= readable
         for passes in range(4):
-            busy = 0
-            if front:
+            self.dirty = 0
+            if todo & 1:
                 read = self._read_front(budget, punted)
-                busy += read
                 more = more or read >= budget
+                self.dirty &= ~1u
             for b in range(self.nbackends):
-                if armed & (1u << b) and self.backs[b] != NULL:
+                if todo & (2u << b) and self.backs[b] != NULL:
                     read = self._read_back(b, budget, foreign, resume, parked)
-                    busy += read
                     more = more or read >= budget
-            if not busy or more:
+                    self.dirty &= ~(2u << b)
+            # again only the sockets sent on after their read (a request forwarded to a
+            # backend already read, a reply sent to the frontend)
+            todo = self.dirty & readable
+            if not todo or more:
                 break
         if not (punted or foreign or resume or parked or more):
             return None
@@ -1086,6 +1097,7 @@ cdef class Core:
             corr = CORR_MARK | (<uint64_t>(s.gen & 0x7FFFFFFF) << 32) | idx
             for k in range(8):
                 cbuf[k] = (corr >> (56 - 8 * k)) & 0xFF
+            self.dirty |= 2u << b  # a send may take that socket's read edge
             rc = z_send(self.backs[b], cbuf, 8, ZMQ_DONTWAIT | ZMQ_SNDMORE)
             if rc >= 0:
                 rc = z_send(self.backs[b], b"", 0, ZMQ_DONTWAIT | ZMQ_SNDMORE)
@@ -1271,6 +1283,7 @@ cdef class Core:
             z_msg_close(&msgs[0])
             z_msg_close(&msgs[1])
             # the reply to every copy of the request (the first copy first)
+            self.dirty |= 1  # a send may take the frontend's read edge
             e = self._reverse(s)
             consumed = 0
             while e != NULL:
@@ -1423,11 +1436,27 @@ cdef class Core:
         self.m_touched = 0
         return out
 
+    def take_moved(self):
+        """Per backend whose counts moved since the last call: ``[(backend, late replies,
+        successes, in flight now)]`` (what the pool's health and load views need after
+        every batch), or None when none moved; zeroed, so that each is added once."""
+        cdef int b
+        if not self.touched:
+            return None
+        moved = []
+        for b in range(self.nbackends):
+            if self.touched & (1u << b):
+                moved.append((b, self.n_late[b], self.n_success[b], self.n_inflight_b[b]))
+                self.n_late[b] = 0
+                self.n_success[b] = 0
+        self.touched = 0
+        return moved
+
     def take_counts(self):
-        """Counters since the last call: ``(requests, replies, unroutable, joins,
-        [(backend, late replies, successes, in flight now)] for the backends whose counts
-        moved, [(action row, backend, n, seconds, per-bucket counts)])``; zeroed, so that
-        each count is added once."""
+        """Counters since the last call (only metrics: Python adds them when they are
+        read): ``(requests, replies, unroutable, joins, [(action row, backend, n,
+        seconds, per-bucket counts)])``, or None when all are zero; zeroed, so that each
+        count is added once."""
         cdef int a, b, k
         rows = []
         for a in range(MAX_ACTIONS):
@@ -1439,14 +1468,8 @@ cdef class Core:
                     self.lat_sum[a][b] = 0
                     for k in range(NLAT):
                         self.lat_buckets[a][b][k] = 0
-        moved = []
-        if self.touched:
-            for b in range(self.nbackends):
-                if self.touched & (1u << b):
-                    moved.append((b, self.n_late[b], self.n_success[b], self.n_inflight_b[b]))
-                    self.n_late[b] = 0
-                    self.n_success[b] = 0
-            self.touched = 0
-        out = (self.n_requests, self.n_replies, self.n_unroutable, self.n_joins, moved, rows)
+        if not (rows or self.n_requests or self.n_replies or self.n_unroutable or self.n_joins):
+            return None
+        out = (self.n_requests, self.n_replies, self.n_unroutable, self.n_joins, rows)
         self.n_requests = self.n_replies = self.n_unroutable = self.n_joins = 0
         return out

@@ -331,6 +331,7 @@ class _DataPlaneView:
         proxy = self._shim.proxy
         if proxy is None:
             return {"backends": {}, "inflight": 0, "accepting": False, "counts": {}}
+        proxy.metrics.refresh()
         return {
             "backends": {name: {"dialect": b.dialect, "healthy": b.healthy,
                                 "inflight": b.inflight}

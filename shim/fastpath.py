@@ -41,9 +41,12 @@ a model a request is loading. An action the shim does not know that carries
 ``model_id``/``model_name``/``model_ids`` goes up to Python.
 
 Counters: the core counts requests, replies, joins, late replies and per (backend,
-action) latencies; they are added to ``proxy.counts`` and the existing Prometheus
-metrics (``shim_requests_total``, ``shim_request_latency_seconds``, ...) once per batch
-and at scrape time, never per request.
+action) latencies. What the rest of the shim reads between batches (each backend's
+successes and requests in flight, the ownership table's counts) is added after every
+batch; the metrics (``proxy.counts``, ``shim_requests_total``,
+``shim_request_latency_seconds``, ...) before every read of them (``Metrics.refresh``:
+a scrape, the status page, ctl status) and at most ``METRICS_LAG_S`` after a batch;
+never per request.
 
 Switch: ``shim.fastpath = "off"`` in the config (or ``MMSHIM_FASTPATH=off`` in the
 environment, which overrides the config) or a missing compiled module keeps the
@@ -93,6 +96,9 @@ log = logging.getLogger("mmshim.fastpath")
 
 #: Messages read per socket per loop pass (as shim.sockets.BatchReader).
 BATCH = 256
+#: How long the core's counts may wait before they are added to the metrics, when
+#: nothing reads them sooner (a read, e.g. a scrape, adds them first: Metrics.refresh).
+METRICS_LAG_S = 0.25
 #: The legacy dialect's actions the core knows by name (shim.dialects.mma._ACTIONS):
 #: only generate may go fast; status is merged, clear_conversation answered locally.
 _FAST_KINDS = {Kind.GENERATE, Kind.OTHER}
@@ -162,6 +168,8 @@ class FastPath:
         self._policy_models: frozenset[str] = frozenset()
         self._synced_inflight = [0] * len(self.names)
         self._timer: asyncio.TimerHandle | None = None
+        #: The pending ``sync_metrics`` (armed after a batch, at most one).
+        self._flush: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._sentinel: asyncio.Future[None] | None = None
         self._drain_seen = False
@@ -171,8 +179,11 @@ class FastPath:
         self._backends = [pool.backends[name] for name in self.names]
         self._gate_in_force: tuple[bool, bytes, bool] | None = None
         self._readers: list[_Reader] = []
-        #: Bit i: backend i's reader is started (the core reads its socket).
+        #: The sockets whose reader is started (bit 0 the frontend, bit i + 1 backend i)
+        #: and those to read on the next pump (their read edge fired, or Python sent on
+        #: them: ``_Reader.kick``).
         self._armed = 0
+        self._pending = 0
         self._thread = threading.get_ident()
         #: Requests the core forwarded itself (joins included), since the start.
         self.fast_requests = 0
@@ -181,7 +192,7 @@ class FastPath:
         # start/stop/kick interface as shim.sockets.BatchReader); every one of them
         # drives the one pump, which reads all the sockets (their read edges interact:
         # a send on one may consume another's).
-        front = _Reader(self, proxy.frontend, 0)
+        front = _Reader(self, proxy.frontend, 1)
         proxy._reader = front  # type: ignore[assignment]
         self._front = front
         for i, endpoint in enumerate(self._endpoints):
@@ -189,7 +200,7 @@ class FastPath:
                 continue
             assert endpoint.reader is not None
             endpoint.reader.stop()
-            reader = _Reader(self, endpoint.sock, 1 << i)
+            reader = _Reader(self, endpoint.sock, 2 << i)
             endpoint.reader = reader  # type: ignore[assignment]
             if endpoint.monitor_reader is not None:  # see _on_monitor
                 seen = endpoint.monitor_reader._on_message
@@ -198,6 +209,7 @@ class FastPath:
             reader.start()
             self._readers.append(reader)
         proxy.metrics.registry.register(_CoreCollector(self))
+        proxy.metrics.registry.before_collect.append(self.sync_metrics)
 
     def start(self) -> None:
         """Before the proxy reads its first request: the ownership addon (an addon with
@@ -348,6 +360,11 @@ class FastPath:
 
     # -- pumps ------------------------------------------------------------------------
 
+    def fired(self, bit: int) -> None:
+        """A socket's read edge (its ``ZMQ_FD``): pump now, reading that socket."""
+        self._pending |= bit
+        self.pump()
+
     def schedule(self) -> None:
         """One pump on the next loop pass, however many sockets asked for it."""
         if not self._scheduled:
@@ -360,8 +377,9 @@ class FastPath:
         self._scheduled = False
         self._gate()
         # The frontend's reader is stopped by a drain's close (or not started yet), the
-        # backends' when the pool closes.
-        out = self.core.pump(self._front._armed, self._armed, BATCH)
+        # backends' when the pool closes: ``_armed`` has the started ones.
+        todo, self._pending = self._pending, 0
+        out = self.core.pump(self._armed, todo, BATCH)
         more = False
         if out is not None:  # something for Python
             punted, foreign, resume, parked, more = out
@@ -377,11 +395,14 @@ class FastPath:
             for frames, _fd in parked:  # the client's queue is full: the backlog
                 proxy.backlog.park(frames)
         self._after_batch()
-        if more:
+        if more:  # a budget was spent: every socket again, after other work
+            self._pending |= self._armed
             self.schedule()
 
     def _after_batch(self) -> None:
         self._sync()
+        if self._flush is None:  # the metrics catch up within METRICS_LAG_S at most
+            self._flush = self._loop.call_later(METRICS_LAG_S, self._flush_metrics)
         core = self.core
         if core.inflight:
             if self._sentinel is None and self._drain_seen:
@@ -535,22 +556,15 @@ class FastPath:
     # -- counters ---------------------------------------------------------------------
 
     def _sync(self) -> None:
-        """Add the core's counters to the proxy's counts and the Prometheus metrics."""
+        """After every batch: what the rest of the shim reads between batches (the
+        ownership table's counts, each backend's successes, late replies and requests in
+        flight). The metrics wait for ``sync_metrics``."""
         if self._owners is not None:
             self._sync_models()
-        requests, replies, unroutable, joins, moved, rows = self.core.take_counts()
-        proxy = self.proxy
-        metrics = proxy.metrics
-        self.fast_requests += requests
-        if requests or replies or unroutable:
-            counts = proxy.counts
-            counts["requests"] += requests
-            counts["replies"] += replies
-            counts["unroutable"] += unroutable
-            if unroutable:
-                metrics.unroutable.inc(unroutable)
-        if joins:
-            metrics.duplicate_joins.labels("bytes").inc(joins)
+        moved = self.core.take_moved()
+        if moved is None:
+            return
+        metrics = self.proxy.metrics
         for i, late, ok, now in moved:
             if late:
                 metrics.late_replies.labels(self.names[i]).inc(late)
@@ -565,6 +579,35 @@ class FastPath:
             if endpoint is not None:  # per-backend inflight includes the core's
                 endpoint.outstanding += now - self._synced_inflight[i]
                 self._synced_inflight[i] = now
+
+    def _flush_metrics(self) -> None:
+        self._flush = None
+        self.sync_metrics()
+
+    def sync_metrics(self) -> None:
+        """Add the core's counts to ``proxy.counts`` and the Prometheus metrics. Run
+        before every read of them (``Metrics.refresh``: a scrape, the status page, ctl
+        status) and at most ``METRICS_LAG_S`` after a batch; never per request. Only from
+        the loop's own thread (another, e.g. prometheus-client's own server, must not
+        touch the core while the loop drives it: it reads what the last sync added)."""
+        if threading.get_ident() != self._thread:
+            return
+        counts = self.core.take_counts()
+        if counts is None:
+            return
+        requests, replies, unroutable, joins, rows = counts
+        proxy = self.proxy
+        metrics = proxy.metrics
+        self.fast_requests += requests
+        if requests or replies or unroutable:
+            counts = proxy.counts
+            counts["requests"] += requests
+            counts["replies"] += replies
+            counts["unroutable"] += unroutable
+            if unroutable:
+                metrics.unroutable.inc(unroutable)
+        if joins:
+            metrics.duplicate_joins.labels("bytes").inc(joins)
         for row, b, n, seconds, buckets in rows:
             _add_requests(metrics, self.names[b], self._label(row), n, seconds, buckets)
 
@@ -573,10 +616,14 @@ class FastPath:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         for item in self.core.cut_all():
             self._finish(item, RequestError("the shim shut down before a reply came",
                                             Code.SHUTTING_DOWN), cut=True)
         self._sync()
+        self.sync_metrics()
 
 
 def _decode_or_none(payload: bytes) -> Any:
@@ -639,7 +686,8 @@ class _Reader:
     __slots__ = ("_armed", "_bit", "_fast", "_fd", "sock")
 
     def __init__(self, fast: FastPath, sock: Any, bit: int) -> None:
-        """``bit``: the backend's bit in ``FastPath._armed`` (0 for the frontend)."""
+        """``bit``: the socket's bit in the core's masks (1 the frontend, 2 << i backend
+        i: ``Core.pump``)."""
         import zmq
 
         self.sock = sock
@@ -649,11 +697,13 @@ class _Reader:
         self._bit = bit
 
     def start(self) -> None:
+        fast = self._fast
         if not self._armed:
-            self._fast._loop.add_reader(self._fd, self._fast.pump)
+            fast._loop.add_reader(self._fd, fast.fired, self._bit)
             self._armed = True
-            self._fast._armed |= self._bit
-        self._fast.schedule()
+            fast._armed |= self._bit
+        fast._pending |= self._bit
+        fast.schedule()
 
     def stop(self) -> None:
         if self._armed:
@@ -662,7 +712,10 @@ class _Reader:
             self._fast._armed &= ~self._bit
 
     def kick(self) -> None:
+        """Python sent on this socket (the edge may have been consumed): read it on the
+        next pump."""
         if self._armed:
+            self._fast._pending |= self._bit
             self._fast.schedule()
 
 
@@ -678,11 +731,7 @@ class _CoreCollector:
         return []
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        # Every batch ends with a sync already; from the loop's own thread (the shim's
-        # web listener) catch up now. Another thread (prometheus-client's own server)
-        # must not touch the core while the loop drives it.
-        if threading.get_ident() == self._fast._thread:
-            self._fast._sync()
+        # The registry ran FastPath.sync_metrics before collecting (Metrics.refresh).
         family = CounterMetricFamily(
             "shim_fastpath_requests", "Requests the compiled core forwarded without Python "
             "(also counted in shim_requests_total and shim_frontend_total)")

@@ -17,11 +17,30 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    2.5, 5.0)
 
 
+class Registry(CollectorRegistry):
+    """prometheus-client's registry, with callbacks run before every collection
+    (``before_collect``): counts kept outside these objects (the compiled core's,
+    shim.fastpath) are added first, so a scrape reads them up to date."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before_collect: list[Callable[[], None]] = []
+
+    def refresh(self) -> None:
+        """Run the ``before_collect`` callbacks (readers of metric objects call this)."""
+        for callback in self.before_collect:
+            callback()
+
+    def collect(self) -> Iterator[Any]:
+        self.refresh()
+        yield from super().collect()
+
+
 class Metrics:
     """Every metric the shim exports."""
 
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
+        r = self.registry = Registry()
         self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.requests = Counter("shim_requests",
                                 "Requests answered, by backend, action and outcome",
@@ -95,6 +114,12 @@ class Metrics:
     def addon_failed(self, addon: str, hook: str) -> None:
         """``AddonManager``'s ``on_error``: count one swallowed addon exception."""
         self.addon_errors.labels(addon, hook).inc()
+
+    def refresh(self) -> None:
+        """Bring counts kept elsewhere (the compiled core's) into these metrics and the
+        frontend counts now: what a reader of the metric objects calls first (a scrape
+        does it by itself)."""
+        self.registry.refresh()
 
     def export_counts(self, counts: Callable[[], Mapping[str, int]]) -> None:
         """Frontend totals read at scrape time (no cost on the hot path):

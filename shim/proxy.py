@@ -575,10 +575,12 @@ class Proxy:
                 if self.connections.open == 0 and not self._tasks and not self.backlog.bytes:
                     log.info("drained: every client connection closed after its reply")
                     return 0
-            elif (not self._tasks and not self.backlog.bytes and not readable(self.frontend)
-                    and time.monotonic() - self._last_activity >= quiet_s):
-                self.close_frontend()
-                return 0
+            elif not self._tasks and not self.backlog.bytes:
+                if readable(self.frontend):
+                    self._reader.kick()  # the check took the socket's read edge: read it
+                elif time.monotonic() - self._last_activity >= quiet_s:
+                    self.close_frontend()
+                    return 0
             await asyncio.sleep(0.005)
         self.accepting = False  # from now on: SHIM_SHUTTING_DOWN
         cut = list(self._tasks)

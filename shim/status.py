@@ -215,6 +215,7 @@ class StatusBoard:
                 log.exception("status: cannot sample the counters")
 
     def sample(self) -> None:
+        self._shim.metrics.refresh()
         proxy = self._shim.proxy
         weights = dict(proxy.runtime.weights) if proxy is not None else {}
         self.samples.append(Sample(time.time(), read_counts(self._shim), weights))
@@ -227,6 +228,7 @@ class StatusBoard:
         proxy = shim.proxy
         if proxy is None:
             return {"time": time.time(), "starting": True}
+        shim.metrics.refresh()
         rt = proxy.runtime
         now = time.time()
         doc: dict[str, Any] = {
