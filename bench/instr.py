@@ -59,6 +59,7 @@ from bench.shimcfg import shim_config
 
 E = "tcp://127.0.0.1:{}".format
 TOOLS = ("valgrind", "callgrind_control", "callgrind_annotate")
+ATTEMPTS = 3
 PHASES = {"pipelined": (4, 16), "lockstep": (1, 1)}  # name -> (sockets, in flight each)
 #: Entries of ``callgrind_annotate``'s function list: "1,234 (12.3%)  file:fn [object]".
 _ANNOTATE_LINE = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.+?)(?:\s+\[(.+)\])?\s*$")
@@ -216,9 +217,13 @@ def wait_answering(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject,
 
 
 def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *,
-            requests: int, warmup: int, start_timeout_s: float,
-            log: Any) -> tuple[dict[str, Phase], float]:
-    """Start ``subject`` under callgrind, warm it, measure every phase, stop it."""
+            requests: int, warmup: int, start_timeout_s: float, lost: list[str],
+            log: Any, stall_s: float = 30.0) -> tuple[dict[str, Phase], float]:
+    """Start ``subject`` under callgrind, warm it, measure every phase, stop it.
+
+    A phase in which some requests are never answered (no reply for ``stall_s``; under
+    callgrind a reply takes milliseconds) is noted in ``lost`` and run again, at most
+    ``ATTEMPTS`` times: its dump would count the idle wait, not requests."""
     out = work / f"{subject.key}.callgrind"
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
             f"--callgrind-out-file={out}", subject.python, *subject.argv]
@@ -231,20 +236,29 @@ def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *
         log(f"  {subject.key}: answering after {started:.1f} s under callgrind (pid {proc.pid})")
         _control(proc.pid, "-i", "on")
         answered, errors, sample = drive(ctx, subject.endpoint, ring, warmup,
-                                         sockets=4, window=16)
+                                         sockets=4, window=16, stall_s=stall_s)
         if answered < warmup or errors:
             raise Failed(f"{subject.key}: warm-up {answered}/{warmup} answered, {errors} "
                          f"errors {sample[:200]!r}")
         phases: dict[str, Phase] = {}
         for name, (sockets, window) in PHASES.items():
-            _control(proc.pid, "-z")
-            t0 = time.monotonic()
-            answered, errors, sample = drive(ctx, subject.endpoint, ring, requests,
-                                             sockets=sockets, window=window)
-            seconds = time.monotonic() - t0
-            path = dump(proc.pid, out, name)
-            if answered < requests:
-                raise Failed(f"{subject.key} {name}: {answered}/{requests} answered")
+            for attempt in range(1, ATTEMPTS + 1):
+                _control(proc.pid, "-z")
+                t0 = time.monotonic()
+                answered, errors, sample = drive(ctx, subject.endpoint, ring, requests,
+                                                 sockets=sockets, window=window,
+                                                 stall_s=stall_s)
+                seconds = time.monotonic() - t0
+                path = dump(proc.pid, out, f"{name}-{attempt}")
+                if answered == requests:
+                    break
+                lost.append(f"{name} attempt {attempt}: {requests - answered} of {requests} "
+                            f"requests never answered (no reply for {stall_s:.0f} s)")
+                log(f"  !! {subject.key} {lost[-1]}")
+                if not proc.alive():
+                    raise Failed(f"{subject.key} exited:\n{proc.log_tail(30)}")
+            else:
+                raise Failed(f"{subject.key} {name}: replies lost in {ATTEMPTS} attempts")
             phases[name] = Phase(requests, answered, errors, totals(path), seconds, path)
             log(f"  {subject.key} {name}: {phases[name].per_request:,.0f} Ir/request "
                 f"({requests} requests in {seconds:.1f} s, {errors} errors"
@@ -427,15 +441,16 @@ def main(argv: list[str] | None = None) -> int:
             labels[sub.key] = sub.label
             t0 = time.monotonic()
             eprint(f"{sub.key}: {sub.label}")
+            lost: list[str] = []
             try:
                 phases, start_s = measure(ctx, sub, work, requests=args.requests,
-                                          warmup=args.warmup,
+                                          warmup=args.warmup, lost=lost,
                                           start_timeout_s=args.start_timeout, log=eprint)
             except Failed as exc:
                 eprint(f"!! {sub.key}: {exc}")
-                results[sub.key] = {"failed": str(exc)}
+                results[sub.key] = {"failed": str(exc), "lost": lost}
                 continue
-            results[sub.key] = {
+            results[sub.key] = {"lost": lost,
                 "start_s": round(start_s, 1), "elapsed_s": round(time.monotonic() - t0, 1),
                 "phases": {k: {"ir": ph.ir, "answered": ph.answered, "errors": ph.errors,
                                "seconds": round(ph.seconds, 1),
@@ -464,12 +479,14 @@ def main(argv: list[str] | None = None) -> int:
                 for ir, name in top[kind]:
                     print(f"  {ir / args.requests:10,.0f}  {ir / total:6.1%}  {name}")
         for key, res in results.items():
+            for note in res.get("lost", []):
+                print(f"\n{key}: LOST REPLIES, phase run again: {note}")
             if "failed" in res:
                 print(f"\n{key} FAILED: {res['failed']}")
         elapsed = time.monotonic() - started
         info["elapsed_s"] = round(elapsed, 1)
         print(f"\nRun took {elapsed:.0f} s.")
-        ok = all("failed" not in r for r in results.values())
+        ok = all("failed" not in r and not r["lost"] for r in results.values())
         return 0 if ok else 1
     except KeyboardInterrupt:
         eprint("interrupted: stopping every process")
