@@ -19,6 +19,9 @@ process under test runs under ``valgrind --tool=callgrind``; the C echo backends
    metrics thread) divided by the requests is the figure. Phases: ``pipelined`` (4
    DEALER sockets, 16 in flight each, as ``make bench``'s pipelined phase) and
    ``lockstep`` (one request in flight: what every loop pass costs one request alone).
+   Before them an ``idle`` phase (5 s, no requests) gives the subject's Ir per second
+   of timers and idle wake-ups: under callgrind a request takes ~50x its native time, so
+   that per-second work weighs more per request than natively; the table shows it.
 
 Subjects: ``zmq.proxy`` (bench.echo's proxy mode in front of a C ROUTER echo, the
 yardstick), the shim with the compiled core (``make bench``'s ``shim-split`` config:
@@ -60,6 +63,7 @@ from bench.shimcfg import shim_config
 E = "tcp://127.0.0.1:{}".format
 TOOLS = ("valgrind", "callgrind_control", "callgrind_annotate")
 ATTEMPTS = 3
+IDLE_S = 5.0
 PHASES = {"pipelined": (4, 16), "lockstep": (1, 1)}  # name -> (sockets, in flight each)
 #: Entries of ``callgrind_annotate``'s function list: "1,234 (12.3%)  file:fn [object]".
 _ANNOTATE_LINE = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.+?)(?:\s+\[(.+)\])?\s*$")
@@ -89,6 +93,7 @@ class Phase:
     ir: int
     seconds: float
     dump: Path
+    idle_ir: float  # what the subject spends idle (Ir/s) over the phase's seconds
 
     @property
     def per_request(self) -> float:
@@ -218,7 +223,7 @@ def wait_answering(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject,
 
 def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *,
             requests: int, warmup: int, start_timeout_s: float, lost: list[str],
-            log: Any, stall_s: float = 30.0) -> tuple[dict[str, Phase], float]:
+            log: Any, stall_s: float = 30.0) -> tuple[dict[str, Phase], float, float]:
     """Start ``subject`` under callgrind, warm it, measure every phase, stop it.
 
     A phase in which some requests are never answered (no reply for ``stall_s``; under
@@ -240,6 +245,12 @@ def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *
         if answered < warmup or errors:
             raise Failed(f"{subject.key}: warm-up {answered}/{warmup} answered, {errors} "
                          f"errors {sample[:200]!r}")
+        _control(proc.pid, "-z")  # idle: what timers and idle loop passes cost per second
+        t0 = time.monotonic()
+        time.sleep(IDLE_S)
+        path = dump(proc.pid, out, "idle")
+        idle = totals(path) / (time.monotonic() - t0)
+        log(f"  {subject.key} idle: {idle:,.0f} Ir/s")
         phases: dict[str, Phase] = {}
         for name, (sockets, window) in PHASES.items():
             for attempt in range(1, ATTEMPTS + 1):
@@ -259,11 +270,12 @@ def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *
                     raise Failed(f"{subject.key} exited:\n{proc.log_tail(30)}")
             else:
                 raise Failed(f"{subject.key} {name}: replies lost in {ATTEMPTS} attempts")
-            phases[name] = Phase(requests, answered, errors, totals(path), seconds, path)
+            phases[name] = Phase(requests, answered, errors, totals(path), seconds, path,
+                                 idle * seconds)
             log(f"  {subject.key} {name}: {phases[name].per_request:,.0f} Ir/request "
                 f"({requests} requests in {seconds:.1f} s, {errors} errors"
                 f"{' ' + repr(sample[:120]) if errors else ''})")
-        return phases, started
+        return phases, started, idle
     finally:
         proc.stop(timeout=60.0)  # the shim drains, valgrind writes its last dump
 
@@ -279,7 +291,8 @@ def top_functions(dump_file: Path, *, inclusive: bool, n: int = 10) -> list[tupl
     Inclusive: the entries of recursion cycles (callgrind marks them ``fn'2``; their
     figures exceed the total), functions of the interpreter and of uvloop's loop (every
     one of them includes a whole loop pass), and unnamed code are left out, so the list
-    shows what those call. Each function is listed once (callgrind_annotate repeats a
+    shows what those call; so are Cython's argument wrappers (``__pyx_pw_*``: the same
+    figure as the function they wrap). Each function is listed once (callgrind_annotate repeats a
     function per source file it was inlined from)."""
     r = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}",
                         "--auto=no", "--threshold=100", str(dump_file)],
@@ -304,7 +317,7 @@ def top_functions(dump_file: Path, *, inclusive: bool, n: int = 10) -> list[tupl
             continue
         seen.add(fn)
         if (ir > total or re.search(r"'\d+$", fn) or not obj or obj == "???"
-                or obj.startswith(PLUMBING)):
+                or obj.startswith(PLUMBING) or fn.startswith("__pyx_pw_")):
             continue
         rows.append((ir, f"{fn}  ({obj})"))
         if len(rows) == n:
@@ -362,19 +375,27 @@ def _head(commit_of: Path) -> str:
 
 
 def table(results: dict[str, dict[str, Any]], labels: dict[str, str]) -> str:
-    """Markdown: subject, Ir/request per phase, ratio to zmq.proxy's in the same phase."""
+    """Markdown: subject, Ir/request per phase and its ratio to zmq.proxy's in the same
+    phase; then the subject's idle Ir/s and what that idle rate comes to per request over
+    each phase's duration under callgrind (an estimate of the timer work in the figure:
+    under valgrind a request takes far longer than natively, so timers weigh more)."""
     ref = results.get("zmq.proxy", {})
-    head = "| subject | " + " | ".join(f"{p}: Ir/request (x zmq.proxy)" for p in PHASES) + " |"
-    lines = [head, "|---|" + "---|" * len(PHASES)]
+    head = ("| subject | " + " | ".join(f"{p}: Ir/request (x zmq.proxy)" for p in PHASES)
+            + " | idle Ir/s | idle share per request (" + " / ".join(PHASES) + ") |")
+    lines = [head, "|---|" + "---|" * (len(PHASES) + 2)]
     for key, res in results.items():
+        if "failed" in res:
+            lines.append(f"| {labels[key]} | " + " | ".join(["failed"] * (len(PHASES) + 2))
+                         + " |")
+            continue
         cells = []
         for p in PHASES:
-            if "failed" in res:
-                cells.append("failed")
-                continue
             v = res["phases"][p]["ir_per_request"]
             r = ref.get("phases", {}).get(p, {}).get("ir_per_request")
             cells.append(f"{v:,.0f}" + (f" ({v / r:.2f}x)" if r else ""))
+        cells.append(f"{res['idle_ir_per_s']:,.0f}")
+        cells.append(" / ".join(f"{res['phases'][p]['idle_ir_per_request']:,.0f}"
+                                for p in PHASES))
         lines.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -443,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             eprint(f"{sub.key}: {sub.label}")
             lost: list[str] = []
             try:
-                phases, start_s = measure(ctx, sub, work, requests=args.requests,
+                phases, start_s, idle = measure(ctx, sub, work, requests=args.requests,
                                           warmup=args.warmup, lost=lost,
                                           start_timeout_s=args.start_timeout, log=eprint)
             except Failed as exc:
@@ -452,9 +473,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             results[sub.key] = {"lost": lost,
                 "start_s": round(start_s, 1), "elapsed_s": round(time.monotonic() - t0, 1),
+                "idle_ir_per_s": round(idle),
                 "phases": {k: {"ir": ph.ir, "answered": ph.answered, "errors": ph.errors,
                                "seconds": round(ph.seconds, 1),
-                               "ir_per_request": round(ph.per_request, 1)}
+                               "ir_per_request": round(ph.per_request, 1),
+                               "idle_ir_per_request": round(ph.idle_ir / ph.answered, 1)}
                            for k, ph in phases.items()}}
             if sub.key == "shim-core":
                 dump_file = phases["pipelined"].dump
