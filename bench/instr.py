@@ -62,7 +62,7 @@ from bench.shimcfg import shim_config
 
 E = "tcp://127.0.0.1:{}".format
 TOOLS = ("valgrind", "callgrind_control", "callgrind_annotate")
-ATTEMPTS = 3
+ATTEMPTS = 5
 IDLE_S = 5.0
 PHASES = {"pipelined": (4, 16), "lockstep": (1, 1)}  # name -> (sockets, in flight each)
 #: Entries of ``callgrind_annotate``'s function list: "1,234 (12.3%)  file:fn [object]".
@@ -81,6 +81,7 @@ class Subject:
     cwd: Path = ROOT
     env: dict[str, str] = field(default_factory=dict)
     shim: bool = True  # a shim answers SHIM_* errors until its pool is connected
+    metrics: str = ""  # host:port of a shim's Prometheus endpoint
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Phase:
     seconds: float
     dump: Path
     idle_ir: float  # what the subject spends idle (Ir/s) over the phase's seconds
+    core_share: float | None  # of the requests, what the compiled core forwarded
 
     @property
     def per_request(self) -> float:
@@ -221,9 +223,52 @@ def wait_answering(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject,
         time.sleep(0.5)
 
 
+#: Counters whose change over a phase is worth showing: how much the core carried, and
+#: where replies went that the client never got.
+WATCHED = ("shim_frontend_total", "shim_fastpath_requests_total", "shim_dropped_replies_total",
+           "shim_timeouts_total", "shim_late_replies_total", "shim_unroutable_replies_total",
+           "shim_inflight")
+
+
+def scrape(address: str) -> dict[str, float]:
+    """A shim's watched Prometheus samples, ``name{labels}`` -> value ({} if unreachable:
+    the metrics thread is slow under valgrind but answers)."""
+    if not address:
+        return {}
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=60) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(WATCHED):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def changes(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Samples that moved (gauges: their value after)."""
+    return {k: (v if k.startswith("shim_inflight") else v - before.get(k, 0.0))
+            for k, v in after.items()
+            if v != before.get(k, 0.0) or (k.startswith("shim_inflight") and v)}
+
+
+def core_share(delta: dict[str, float]) -> float | None:
+    """Share of a phase's requests the compiled core forwarded (None: not a shim with
+    the core, or no counters)."""
+    requests = sum(v for k, v in delta.items()
+                   if k.startswith("shim_frontend_total") and 'kind="requests"' in k)
+    fast = sum(v for k, v in delta.items() if k.startswith("shim_fastpath_requests_total"))
+    return fast / requests if requests else None
+
+
 def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *,
             requests: int, warmup: int, start_timeout_s: float, lost: list[str],
-            log: Any, stall_s: float = 30.0) -> tuple[dict[str, Phase], float, float]:
+            log: Any, stall_s: float = 20.0) -> tuple[dict[str, Phase], float, float]:
     """Start ``subject`` under callgrind, warm it, measure every phase, stop it.
 
     A phase in which some requests are never answered (no reply for ``stall_s``; under
@@ -254,6 +299,7 @@ def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *
         phases: dict[str, Phase] = {}
         for name, (sockets, window) in PHASES.items():
             for attempt in range(1, ATTEMPTS + 1):
+                m0 = scrape(subject.metrics)
                 _control(proc.pid, "-z")
                 t0 = time.monotonic()
                 answered, errors, sample = drive(ctx, subject.endpoint, ring, requests,
@@ -261,19 +307,23 @@ def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *
                                                  stall_s=stall_s)
                 seconds = time.monotonic() - t0
                 path = dump(proc.pid, out, f"{name}-{attempt}")
+                delta = changes(m0, scrape(subject.metrics))
                 if answered == requests:
                     break
                 lost.append(f"{name} attempt {attempt}: {requests - answered} of {requests} "
-                            f"requests never answered (no reply for {stall_s:.0f} s)")
+                            f"requests never answered (no reply for {stall_s:.0f} s); "
+                            f"shim metrics over the attempt: {delta}")
                 log(f"  !! {subject.key} {lost[-1]}")
                 if not proc.alive():
                     raise Failed(f"{subject.key} exited:\n{proc.log_tail(30)}")
             else:
                 raise Failed(f"{subject.key} {name}: replies lost in {ATTEMPTS} attempts")
             phases[name] = Phase(requests, answered, errors, totals(path), seconds, path,
-                                 idle * seconds)
+                                 idle * seconds, core_share(delta))
+            share = phases[name].core_share
             log(f"  {subject.key} {name}: {phases[name].per_request:,.0f} Ir/request "
                 f"({requests} requests in {seconds:.1f} s, {errors} errors"
+                f"{'' if share is None else f', core carried {share:.0%}'}"
                 f"{' ' + repr(sample[:120]) if errors else ''})")
         return phases, started, idle
     finally:
@@ -364,7 +414,8 @@ def subjects(work: Path, echo_eps: list[str], before: Path | None) -> list[Subje
         path.write_bytes(msgspec.json.format(msgspec.json.encode(cfg), indent=1))
         out.append(Subject(key, label, python, ["-m", "shim.cli", "run", "--config", str(path),
                                                 "--log-level", "warning", "--reset-state"],
-                           cfg["shim"]["listen"], cwd=cwd, env=env))
+                           cfg["shim"]["listen"], cwd=cwd, env=env,
+                           metrics=cfg["shim"]["metrics"]))
     return out
 
 
@@ -376,7 +427,9 @@ def _head(commit_of: Path) -> str:
 
 def table(results: dict[str, dict[str, Any]], labels: dict[str, str]) -> str:
     """Markdown: subject, Ir/request per phase and its ratio to zmq.proxy's in the same
-    phase; then the subject's idle Ir/s and what that idle rate comes to per request over
+    phase (and for a shim with the core, the share of the phase's requests it forwarded
+    without Python: shim_fastpath_requests_total over shim_frontend_total); then the
+    subject's idle Ir/s and what that idle rate comes to per request over
     each phase's duration under callgrind (an estimate of the timer work in the figure:
     under valgrind a request takes far longer than natively, so timers weigh more)."""
     ref = results.get("zmq.proxy", {})
@@ -392,7 +445,10 @@ def table(results: dict[str, dict[str, Any]], labels: dict[str, str]) -> str:
         for p in PHASES:
             v = res["phases"][p]["ir_per_request"]
             r = ref.get("phases", {}).get(p, {}).get("ir_per_request")
-            cells.append(f"{v:,.0f}" + (f" ({v / r:.2f}x)" if r else ""))
+            share = res["phases"][p].get("core_share")
+            notes = ([f"{v / r:.2f}x"] if r else []) + (
+                [] if share is None else [f"core carried {share:.0%}"])
+            cells.append(f"{v:,.0f}" + (f" ({'; '.join(notes)})" if notes else ""))
         cells.append(f"{res['idle_ir_per_s']:,.0f}")
         cells.append(" / ".join(f"{res['phases'][p]['idle_ir_per_request']:,.0f}"
                                 for p in PHASES))
@@ -477,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                 "phases": {k: {"ir": ph.ir, "answered": ph.answered, "errors": ph.errors,
                                "seconds": round(ph.seconds, 1),
                                "ir_per_request": round(ph.per_request, 1),
-                               "idle_ir_per_request": round(ph.idle_ir / ph.answered, 1)}
+                               "idle_ir_per_request": round(ph.idle_ir / ph.answered, 1),
+                               "core_share": ph.core_share}
                            for k, ph in phases.items()}}
             if sub.key == "shim-core":
                 dump_file = phases["pipelined"].dump
