@@ -257,12 +257,19 @@ def changes(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
             if v != before.get(k, 0.0) or (k.startswith("shim_inflight") and v)}
 
 
-def core_share(delta: dict[str, float]) -> float | None:
-    """Share of a phase's requests the compiled core forwarded (None: not a shim with
-    the core, or no counters)."""
-    requests = sum(v for k, v in delta.items()
-                   if k.startswith("shim_frontend_total") and 'kind="requests"' in k)
-    fast = sum(v for k, v in delta.items() if k.startswith("shim_fastpath_requests_total"))
+def core_share(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Share of a phase's requests the compiled core forwarded (None: a shim without the
+    ``shim_fastpath_requests_total`` counter, i.e. code from before the core, or no
+    requests counted)."""
+    def total(samples: dict[str, float], prefix: str, label: str = "") -> float:
+        return sum(v for k, v in samples.items() if k.startswith(prefix) and label in k)
+
+    if not any(k.startswith("shim_fastpath_requests_total") for k in after):
+        return None
+    requests = (total(after, "shim_frontend_total", 'kind="requests"')
+                - total(before, "shim_frontend_total", 'kind="requests"'))
+    fast = (total(after, "shim_fastpath_requests_total")
+            - total(before, "shim_fastpath_requests_total"))
     return fast / requests if requests else None
 
 
@@ -310,7 +317,8 @@ def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *
                                                  stall_s=stall_s)
                 seconds = time.monotonic() - t0
                 path = dump(proc.pid, out, f"{name}-{attempt}")
-                delta = changes(m0, scrape(subject.metrics))
+                m1 = scrape(subject.metrics)
+                delta = changes(m0, m1)
                 if answered == requests:
                     break
                 lost.append(f"{name} attempt {attempt}: {requests - answered} of {requests} "
@@ -322,7 +330,7 @@ def measure(ctx: zmq.Context[zmq.Socket[bytes]], subject: Subject, work: Path, *
             else:
                 raise Failed(f"{subject.key} {name}: replies lost in {ATTEMPTS} attempts")
             phases[name] = Phase(requests, answered, errors, totals(path), seconds, path,
-                                 idle * seconds, core_share(delta))
+                                 idle * seconds, core_share(m0, m1))
             share = phases[name].core_share
             log(f"  {subject.key} {name}: {phases[name].per_request:,.0f} Ir/request "
                 f"({requests} requests in {seconds:.1f} s, {errors} errors"
