@@ -2,8 +2,9 @@
 counted by callgrind (issue 17's "instruction counts per request before/after").
 
 Wall-clock and CPU-time figures move with the load on a shared 2-core machine; the
-number of instructions a process executes for a fixed amount of work does not (to within
-a percent or so: timers and idle loop passes still vary). For each subject, only the
+number of instructions a process executes for a fixed amount of work hardly does (to
+within about 3 % over repeated runs here; the core's lockstep phase is the exception,
+see README.md "Instruction counts"). For each subject, only the
 process under test runs under ``valgrind --tool=callgrind``; the C echo backends
 (``bench.echo``) and this load generator run natively. Per subject:
 
@@ -20,8 +21,12 @@ process under test runs under ``valgrind --tool=callgrind``; the C echo backends
    DEALER sockets, 16 in flight each, as ``make bench``'s pipelined phase) and
    ``lockstep`` (one request in flight: what every loop pass costs one request alone).
    Before them an ``idle`` phase (5 s, no requests) gives the subject's Ir per second
-   of timers and idle wake-ups: under callgrind a request takes ~50x its native time, so
-   that per-second work weighs more per request than natively; the table shows it.
+   of timers and idle wake-ups: under callgrind a request takes far longer than
+   natively, so that per-second work weighs more per request; the table shows it.
+   Around each phase the shim's Prometheus counters are read: the share of the requests
+   the compiled core forwarded, and, for a phase in which some requests were never
+   answered (no reply for 20 s), where they went; such a phase is reported and run
+   again (at most 5 attempts; the exit status is then 1).
 
 Subjects: ``zmq.proxy`` (bench.echo's proxy mode in front of a C ROUTER echo, the
 yardstick), the shim with the compiled core (``make bench``'s ``shim-split`` config:
