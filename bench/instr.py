@@ -474,7 +474,8 @@ def table(results: dict[str, dict[str, Any]], labels: dict[str, str]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.instr",
-                                description=__doc__.splitlines()[0].strip("`:"))
+                                description="Instructions per request (callgrind) of the shim "
+                                "and of zmq.proxy; see the module docstring.")
     p.add_argument("--requests", type=int, default=3000, help="measured requests per phase")
     p.add_argument("--warmup", type=int, default=500, help="requests before measuring")
     p.add_argument("--before", type=Path, default=None, metavar="DIR",
