@@ -13,7 +13,7 @@ comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 MODELS := models/tiny.ngram models/base.ngram
 
-.PHONY: venv models test test-fast lint run demo rollout-demo bench clean soak
+.PHONY: venv models test test-fast lint run demo rollout-demo bench clean soak instr
 
 venv: $(STAMP)
 
@@ -62,6 +62,12 @@ rollout-demo: venv models
 bench:
 	$(MAKE) venv models EXTRAS=test
 	$(PY) -m bench
+
+# Instructions per request under callgrind (bench/instr.py): zmq.proxy, the shim with the
+# compiled core and without; needs valgrind, takes a few minutes; not part of test or bench.
+instr:
+	$(MAKE) venv EXTRAS=test
+	$(PY) -m bench.instr $(INSTR_ARGS)
 
 clean:
 	rm -rf $(VENV) models .pytest_cache .mypy_cache .ruff_cache
