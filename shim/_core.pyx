@@ -950,6 +950,10 @@ cdef class Core:
             todo = self.dirty & readable
             if not todo or more:
                 break
+        else:
+            # Passes spent with sockets still to read (their read edge may be gone):
+            # again after Python's turn, never left for an edge that will not come.
+            more = 1
         if not (punted or foreign or resume or parked or more):
             return None
         return punted, foreign, resume, parked, bool(more)

@@ -42,7 +42,11 @@ class Backlog:
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: zmq.Socket[bytes], *,
                  peer_bytes: int, total_bytes: int, ttl_s: float,
                  on_sent: Callable[[], None], on_dropped: Callable[[str], None],
-                 on_unroutable: Callable[[], None], retry_s: float = 0.002) -> None:
+                 on_unroutable: Callable[[], None], retry_s: float = 0.002,
+                 on_tried: Callable[[], None] | None = None) -> None:
+        """``on_tried``: after a retry that tried to send (sent or not): a send may take
+        the socket's read edge (libzmq processes its commands), so its reader must read
+        it again (``BatchReader.kick``)."""
         self._loop = loop
         self._sock = sock
         self._peer_bytes = peer_bytes
@@ -52,6 +56,7 @@ class Backlog:
         self._on_sent = on_sent
         self._on_dropped = on_dropped
         self._on_unroutable = on_unroutable
+        self._on_tried = on_tried
         self._peers: dict[bytes, _Peer] = {}
         self.bytes = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -88,6 +93,7 @@ class Backlog:
     def _flush(self) -> None:
         self._timer = None
         expired = time.monotonic() - self._ttl_s
+        tried = False
         for identity, peer in list(self._peers.items()):
             queue = peer.queue
             while queue:
@@ -95,6 +101,7 @@ class Backlog:
                 if parked_at < expired:
                     self._on_dropped("slow_reader")
                 else:
+                    tried = True
                     try:
                         send_frames(self._sock, frames)
                         self._on_sent()
@@ -107,6 +114,8 @@ class Backlog:
                 self.bytes -= size
             if not queue:
                 del self._peers[identity]
+        if tried and self._on_tried is not None:
+            self._on_tried()
         self._arm()
 
     def drop_all(self) -> int:

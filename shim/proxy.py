@@ -405,7 +405,8 @@ class Proxy:
         self.backlog = Backlog(loop, self.frontend, peer_bytes=cfg.shim.peer_backlog_bytes,
                                total_bytes=cfg.shim.backlog_bytes, ttl_s=cfg.shim.backlog_ttl_s,
                                on_sent=self._sent_late, on_dropped=self._dropped,
-                               on_unroutable=self._unroutable)
+                               on_unroutable=self._unroutable,
+                               on_tried=lambda: self._reader.kick())
         self.pool = BackendPool(loop, ctx, cfg.backends, cfg.health, metrics,
                                 max_reply_bytes=cfg.shim.max_reply_bytes,
                                 max_frame_bytes=cfg.shim.max_frame_bytes)
@@ -505,7 +506,6 @@ class Proxy:
 
     def _sent_late(self) -> None:
         self.counts["replies"] += 1
-        self._reader.kick()
 
     def _dropped(self, reason: str) -> None:
         self.counts["unroutable"] += 1
