@@ -10,9 +10,8 @@ import asyncio
 
 import zmq
 
-from tests.reliability.helpers import wait_until_async
-
 from shim.backlog import Backlog
+from tests.reliability.helpers import wait_until_async
 
 
 async def test_a_failed_retry_still_tells_the_reader() -> None:
