@@ -97,18 +97,25 @@ class Pair:
 
 def _start_pair(tmp_path: Path, backends: dict[str, Fake], weights: dict[str, float],
                 timeout_ms: int = 5000, **sections: Any) -> Pair:
-    shims = []
-    for switch in ("auto", "off"):
-        cfg = shim_config(backends, tmp_path / switch, routing={
-            "weights": weights, "sticky_key": "user"}, **sections)
-        cfg["shim"].update(max_request_bytes=4096, default_timeout_ms=timeout_ms,
-                           opaque_backend=next(iter(backends)))
-        (tmp_path / switch).mkdir(exist_ok=True)
-        os.environ["MMSHIM_FASTPATH"] = switch  # inherited by the shim process
-        try:
-            shims.append(start_ready(cfg, tmp_path / switch))
-        finally:
-            os.environ.pop("MMSHIM_FASTPATH", None)
+    shims: list[ShimProc] = []
+    try:
+        for switch in ("auto", "off"):
+            cfg = shim_config(backends, tmp_path / switch, routing={
+                "weights": weights, "sticky_key": "user"}, **sections)
+            cfg["shim"].update(max_request_bytes=4096, default_timeout_ms=timeout_ms,
+                               opaque_backend=next(iter(backends)))
+            (tmp_path / switch).mkdir(exist_ok=True)
+            os.environ["MMSHIM_FASTPATH"] = switch  # inherited by the shim process
+            try:
+                shims.append(start_ready(cfg, tmp_path / switch))
+            finally:
+                os.environ.pop("MMSHIM_FASTPATH", None)
+    except BaseException:  # nothing left running when a start fails
+        for shim in shims:
+            shim.stop()
+        for fake in backends.values():
+            fake.kill()
+        raise
     return Pair(shims[0], shims[1], backends, weights)
 
 
