@@ -550,6 +550,7 @@ cdef class Core:
     cdef int enabled
     cdef uint8_t healthy[MAX_BACKENDS]
     cdef int punt_replies
+    cdef object gate         # the pump's gate callback, until called (see pump)
     # in flight
     cdef Slot *slots
     cdef uint32_t nslots
@@ -745,15 +746,13 @@ cdef class Core:
         model[0] = self.fallback_model
         return self.fallback_backend
 
-    def set_gate(self, bint enabled, bytes healthy, bint punt_replies):
-        """Per batch: whether anything may go fast now (no addon needs to see requests,
-        not draining), which backends are healthy, and whether replies must go through
-        Python (a client backlog exists: replies keep their order)."""
+    def set_gate(self, bint enabled, bytes healthy):
+        """Whether requests may go fast now (no addon needs to see them, not draining)
+        and which backends are healthy (2), connected (1) or neither (0)."""
         cdef int j
         self.enabled = enabled
         for j in range(self.nbackends):
             self.healthy[j] = healthy[j] if j < len(healthy) else 0
-        self.punt_replies = punt_replies
 
     # -- the frontend --------------------------------------------------------------------
 
@@ -909,7 +908,8 @@ cdef class Core:
         self._sift_down(0)
         return top
 
-    def pump(self, uint32_t readable, uint32_t todo, int budget):
+    def pump(self, uint32_t readable, uint32_t todo, int budget, bint punt_replies,
+             object gate):
         """Read the sockets in ``todo`` (bit 0 the frontend, bit b + 1 backend b: those
         whose read edge fired, or that Python sent on) among ``readable`` (those whose
         reader is started), up to ``budget`` messages per socket and pass; then again the
@@ -929,11 +929,18 @@ cdef class Core:
         - ``parked``: ``(frames, fd)`` replies for Python's backlog (the client's queue is
           full);
         - ``more``: a socket may have more (a budget was spent, or more than HOLD_MAX
-          bytes were handed up): pump again after Python's turn."""
+          bytes were handed up): pump again after Python's turn.
+
+        ``punt_replies``: replies must go through Python (a client backlog exists:
+        replies keep their order). ``gate``: called (no arguments) before the first
+        client message of this call is looked at; it calls ``set_gate`` with what holds
+        now (a pump that reads no request, e.g. one for a reply, never pays for it)."""
         cdef list punted = [], foreign = [], resume = [], parked = []
         cdef int passes, read, b
         cdef int more = 0
         todo &= readable
+        self.punt_replies = punt_replies
+        self.gate = gate
         for passes in range(4):
             self.dirty = 0
             if todo & 1:
@@ -980,6 +987,9 @@ cdef class Core:
                 z_msg_close(&msgs[0])
                 break
             read += 1
+            if self.gate is not None:  # once per pump, before the first request
+                gate, self.gate = self.gate, None
+                gate()
             fd = z_msg_get(&msgs[0], ZMQ_SRCFD)
             nf = 1
             overflow = 0

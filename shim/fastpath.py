@@ -177,7 +177,7 @@ class FastPath:
         #: the backends, in the core's order (``start``); what ``_gate`` last told the core.
         self._quiet: list[Any] | None = None  # nothing goes fast before start()
         self._backends = [pool.backends[name] for name in self.names]
-        self._gate_in_force: tuple[bool, bytes, bool] | None = None
+        self._gate_in_force: tuple[bool, bytes] | None = None
         self._readers: list[_Reader] = []
         #: The sockets whose reader is started (bit 0 the frontend, bit i + 1 backend i)
         #: and those to read on the next pump (their read edge fired, or Python sent on
@@ -335,18 +335,22 @@ class FastPath:
         return bytes(out)
 
     def _gate(self) -> None:
-        """What may go fast in this batch (cheap: a few attribute reads per batch; the
-        core is told only when it changed)."""
-        proxy = self.proxy
-        rt = proxy.store.current
-        draining = proxy.draining
-        enabled = (proxy.accepting and not draining and rt.mode == "split"
-                   and self._quiet is not None and all(q(rt) for q in self._quiet))
-        health = bytes([2 if b.healthy else 1 if b.connected else 0 for b in self._backends])
-        gate = (enabled, health, draining or bool(proxy.backlog.bytes))
+        """Whether requests may go fast now and the backends' health (the core calls it
+        before the first request of a pump; the core is told only what changed)."""
+        try:
+            proxy = self.proxy
+            rt = proxy.store.current
+            enabled = (proxy.accepting and not proxy.draining and rt.mode == "split"
+                       and self._quiet is not None and all(q(rt) for q in self._quiet))
+            health = bytes([2 if b.healthy else 1 if b.connected else 0
+                            for b in self._backends])
+        except Exception:  # a bug here must cost speed, never a request
+            log.exception("compiled core: cannot compute the gate; nothing goes fast")
+            enabled, health = False, bytes(len(self._backends))
+        gate = (enabled, health)
         if gate != self._gate_in_force:
             self._gate_in_force = gate
-            self.core.set_gate(*gate)
+            self.core.set_gate(enabled, health)
 
     def open_view(self, python_open: Mapping[int, int]) -> Mapping[int, int]:
         """Requests in flight per client connection, Python's and the core's (for the
@@ -375,15 +379,15 @@ class FastPath:
         """Read every socket the core drives until none has anything (or the budget is
         spent: then again on the next loop pass, after other work)."""
         self._scheduled = False
-        self._gate()
+        proxy = self.proxy
         # The frontend's reader is stopped by a drain's close (or not started yet), the
         # backends' when the pool closes: ``_armed`` has the started ones.
         todo, self._pending = self._pending, 0
-        out = self.core.pump(self._armed, todo, BATCH)
+        out = self.core.pump(self._armed, todo, BATCH,
+                             proxy.draining or bool(proxy.backlog.bytes), self._gate)
         more = False
         if out is not None:  # something for Python
             punted, foreign, resume, parked, more = out
-            proxy = self.proxy
             if self._owners is not None:
                 self._sync_models()  # before Python runs: the table sees the core's sends
             for message in punted:

@@ -63,6 +63,11 @@ log = logging.getLogger("mmshim.proxy")
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
+#: An attempt with less time than this left before the request's deadline is not made:
+#: the deadline has passed for any practical purpose, and the loop's timers may fire up
+#: to a millisecond early (libuv's clock), which would otherwise decide by chance
+#: between a failover with nothing left and the deadline's reply.
+_MIN_ATTEMPT_S = 0.002
 _BAD_JSON = BAD_JSON
 
 
@@ -284,7 +289,7 @@ class DataPath:
                     if not backend.connected:
                         raise BackendUnavailable(f"backend {name} is not connected")
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
+                if remaining < _MIN_ATTEMPT_S:
                     raise RequestError("deadline passed before a backend was free", Code.TIMEOUT)
                 timeout = min(remaining, backend.config.timeout_ms / 1000)
                 answer = await transport.send(op, name, flow.body[0], timeout,
