@@ -14,6 +14,7 @@ carried part of the traffic (else the comparison proves nothing).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -161,6 +162,21 @@ class Clients:
         self.ctx.term()
 
 
+@contextlib.contextmanager
+def compared(p: Pair) -> Iterator[Clients]:
+    """Clients on both shims of ``p``; once the block ends, the same metrics in both,
+    and in every case both shims and their fakes stopped."""
+    try:
+        c = Clients(p)
+        try:
+            yield c
+        finally:
+            c.close()
+        assert_same_metrics(p)
+    finally:
+        _stop(p)
+
+
 def masked(frames: list[bytes]) -> list[bytes]:
     return [_TIMESTAMP.sub(rb'"\1": 0', f) for f in frames]
 
@@ -237,8 +253,7 @@ def test_sticky_routing_and_duplicates(tmp_path: Path) -> None:
     # Slow enough that the first copy is surely still in flight when the second comes.
     backends = {"mma": start_fake("A", delay_ms=300), "mma2": start_fake("B", delay_ms=300)}
     pair = _start_pair(tmp_path, backends, {"mma": 60, "mma2": 40})
-    c = Clients(pair)
-    try:
+    with compared(pair) as c:
         for backend in ("mma", "mma2"):
             user = sticky_key_for(backend, pair.weights, prefix="u")
             frames = [b"s", b"", b'{"action": "generate", "prompt": "hi", "user": "%s"}'
@@ -258,12 +273,6 @@ def test_sticky_routing_and_duplicates(tmp_path: Path) -> None:
                 assert sock.poll(int(REPLY_S * 1000))
                 got.append(sock.recv_multipart())
             assert sorted(g[0] for g in got) == [b"d1", b"d2"]
-    finally:
-        c.close()
-        try:
-            assert_same_metrics(pair)
-        finally:
-            _stop(pair)
 
 
 @pytest.mark.parametrize("mode", ["garbage", "extra_frames", "foreign_id", "stall"])
@@ -275,16 +284,9 @@ def test_bad_backend_replies(tmp_path: Path, mode: str) -> None:
     # a short deadline where the bad backend never answers (each request waits it out)
     p = _start_pair(tmp_path, backends, {"bad": 100, "good": 0},
                     timeout_ms=2000 if mode in ("stall", "foreign_id") else 5000)
-    c = Clients(p)
-    try:
+    with compared(p) as c:
         for i in range(3):
             assert_same(c, [f"b{i}".encode(), b"", b'{"action": "generate", "prompt": "p"}'])
-    finally:
-        c.close()
-        try:
-            assert_same_metrics(p)
-        finally:
-            _stop(p)
 
 
 def test_backend_gone_with_requests_in_flight(tmp_path: Path) -> None:
@@ -292,8 +294,7 @@ def test_backend_gone_with_requests_in_flight(tmp_path: Path) -> None:
     the other backend at once (BackendLost), long before their deadline."""
     backends = {"slow": start_fake("X", delay_ms=60_000), "good": start_fake("G")}
     p = _start_pair(tmp_path, backends, {"slow": 100, "good": 0}, timeout_ms=20_000)
-    c = Clients(p)
-    try:
+    with compared(p) as c:
         body = b'{"action": "generate", "prompt": "p%d"}'
         for sock in (c.fast, c.slow):
             for i in range(5):
@@ -310,12 +311,6 @@ def test_backend_gone_with_requests_in_flight(tmp_path: Path) -> None:
             replies[name] = sorted(got)
         assert replies["fast"] == replies["slow"]
         assert all(b'"response_text": "G"' in r[2] for r in replies["fast"]), replies
-    finally:
-        c.close()
-        try:
-            assert_same_metrics(p)
-        finally:
-            _stop(p)
 
 
 def test_many_in_flight(tmp_path: Path) -> None:

@@ -33,13 +33,12 @@ from tests.fakes import POLICY
 from tests.integration.test_fastpath_differential import (
     DIFF,
     REPLY_S,
-    Clients,
     Pair,
     _frames,
     _start_pair,
     _stop,
     assert_same,
-    assert_same_metrics,
+    compared,
     masked,
     pytestmark,  # noqa: F401  (skipped where the core is not built, as there)
 )
@@ -108,29 +107,21 @@ def test_same_replies_metrics_and_owners(tmp_path: Path) -> None:
                 "mma2": start_fake("B", loaded=on["mma2"])}
     p = _start_pair(tmp_path, backends, weights, ownership=OWNERSHIP)
     sent = [0]
-    try:
-        c = Clients(p)
-        try:
-            _wait_owners(p, desired)
+    with compared(p) as c:
+        _wait_owners(p, desired)
 
-            @DIFF
-            @given(st.lists(PAYLOAD, min_size=1, max_size=8))
-            def streams(items: list[tuple[str, Any]]) -> None:
-                for kind, value in items:
-                    sent[0] += 1
-                    assert_same(c, _frames(kind, value, sent[0]))
+        @DIFF
+        @given(st.lists(PAYLOAD, min_size=1, max_size=8))
+        def streams(items: list[tuple[str, Any]]) -> None:
+            for kind, value in items:
+                sent[0] += 1
+                assert_same(c, _frames(kind, value, sent[0]))
 
-            streams()
-        finally:
-            c.close()
-        assert_same_metrics(p)
+        streams()
         assert _owners(p.fast) == _owners(p.slow)
         # no hand-over in either: every model stayed where the weights want it
         for shim in (p.fast, p.slow):
-            text = shim.metrics()
-            assert metric(text, "shim_handovers_total") == 0
-    finally:
-        _stop(p)
+            assert metric(shim.metrics(), "shim_handovers_total") == 0
 
 
 def test_handover_waits_for_the_cores_requests(tmp_path: Path) -> None:
@@ -184,8 +175,7 @@ def test_owner_gone_no_failover(tmp_path: Path) -> None:
     backends = {"mma": start_fake("A", loaded="phi-2", delay_ms=4000),
                 "mma2": start_fake("B", loaded="")}
     p = _start_pair(tmp_path, backends, weights, timeout_ms=20_000, ownership=OWNERSHIP)
-    c = Clients(p)
-    try:
+    with compared(p) as c:
         _wait_owners(p, {"phi-2": "mma"})
         body = b'{"action": "generate", "model_pref": "fast", "prompt": "p%d"}'
         for sock in (c.fast, c.slow):
@@ -204,16 +194,10 @@ def test_owner_gone_no_failover(tmp_path: Path) -> None:
         assert all(json.loads(r[2])["error_code"] == "SHIM_BACKEND_LOST"
                    for r in got["fast"]), got
         assert not fake_counts(backends["mma2"]).get("generate:fast"), "failed over"
-    finally:
-        c.close()
-        try:
-            assert_same_metrics(p)
-        finally:
-            _stop(p)
 
 
-@pytest.mark.parametrize("pref", [b'"fast"', b'null', b'""', b'"unknown"'])
-def test_prefs_resolve_as_mma_does(tmp_path: Path, pref: bytes) -> None:
+@pytest.mark.parametrize("pref", [b'"fast"', b'null', b'""', b'"unknown"', None])
+def test_prefs_resolve_as_mma_does(tmp_path: Path, pref: bytes | None) -> None:
     """model_pref absent, null, empty or unknown is MMA's "fast" (phi-2, owned by mma2
     here, where the weights want it): the core sends it there, never by the draw."""
     weights = {"mma": 50.0, "mma2": 50.0}
@@ -222,18 +206,12 @@ def test_prefs_resolve_as_mma_does(tmp_path: Path, pref: bytes) -> None:
     backends = {"mma": start_fake("A", loaded="phi-2" if owner == "mma" else ""),
                 "mma2": start_fake("B", loaded="phi-2" if owner == "mma2" else "")}
     p = _start_pair(tmp_path, backends, weights, ownership=OWNERSHIP)
-    c = Clients(p)
-    try:
+    field = b"" if pref is None else b'"model_pref": %s, ' % pref
+    with compared(p) as c:
         _wait_owners(p, {"phi-2": owner})
         for i in range(20):
-            assert_same(c, [b"x", b"", b'{"action": "generate", "model_pref": %s, '
-                            b'"prompt": "q%d"}' % (pref, i)])
+            assert_same(c, [b"x", b"", b'{"action": "generate", %s"prompt": "q%d"}'
+                            % (field, i)])
         other = next(b for b in weights if b != owner)
         assert not any(k.startswith("generate") for k in fake_counts(backends[other])), \
             "a generate for phi-2 went to the backend that does not own it"
-    finally:
-        c.close()
-        try:
-            assert_same_metrics(p)
-        finally:
-            _stop(p)
