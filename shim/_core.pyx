@@ -5,7 +5,7 @@ One ``Core`` per proxy. It reads the frontend ROUTER and the backends' DEALER so
 itself (libzmq's C API, resolved at import time from the libzmq that pyzmq has already
 loaded, so the socket handles pyzmq created are valid here), and for each request that
 it is sure about it splits the envelope, scans the JSON for the routing fields, looks
-up the tables Python pushed (``set_tables``), sends ``[corr, b"", payload]`` to the
+up the tables Python pushed (``set_tables``, ``set_owners``), sends ``[corr, b"", payload]`` to the
 chosen backend and later sends the reply back to the client, all in C.
 
 Anything it is not sure about goes up to Python unchanged ("punted"): the frames as
@@ -16,7 +16,8 @@ that must wait in the backlog) as ``Resume`` tuples (see ``shim.fastpath``).
 
 Nothing here decides semantics: Python computes every table (which actions may go
 fast, their deadlines, the weight buckets) from the Runtime, and the differential
-test (tests/unit/test_fastpath_differential.py) checks that both paths answer the same.
+test (tests/integration/test_fastpath_differential.py, and test_fastpath_ownership.py
+with model ownership on) checks that both paths answer the same.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
