@@ -467,6 +467,28 @@ def status_ok(bytes data, list ok):
     return reply_status(p, PyBytes_GET_SIZE(data), ok)
 
 
+cdef list take_frames(zmq_msg_t *msgs, int nf, int more, void *sock, size_t *held):
+    """A message handed up to Python: its ``nf`` frames received so far (closed here),
+    then, while ``more``, the rest of it from ``sock``, as bytes; their size is added to
+    ``held`` (what one pump hands up is bounded by HOLD_MAX)."""
+    cdef zmq_msg_t extra
+    cdef int k
+    frames = [PyBytes_FromStringAndSize(<const char *>z_msg_data(&msgs[k]),
+                                        z_msg_size(&msgs[k])) for k in range(nf)]
+    for k in range(nf):
+        z_msg_close(&msgs[k])
+    while more:
+        z_msg_init(&extra)
+        z_msg_recv(&extra, sock, ZMQ_DONTWAIT)
+        more = z_msg_more(&extra)
+        frames.append(PyBytes_FromStringAndSize(<const char *>z_msg_data(&extra),
+                                                z_msg_size(&extra)))
+        z_msg_close(&extra)
+    for k in range(len(frames)):
+        held[0] += PyBytes_GET_SIZE(frames[k])
+    return frames
+
+
 # -- requests in flight --------------------------------------------------------------------
 
 ctypedef struct Env:
@@ -1046,22 +1068,9 @@ cdef class Core:
                         else:
                             b = -1
             if b < 0:
-                frames = []
-                for k in range(nf):
-                    frames.append(PyBytes_FromStringAndSize(
-                        <const char *>z_msg_data(&msgs[k]), z_msg_size(&msgs[k])))
-                    z_msg_close(&msgs[k])
-                if overflow:
-                    while more:
-                        z_msg_init(&extra)
-                        z_msg_recv(&extra, self.front, ZMQ_DONTWAIT)
-                        more = z_msg_more(&extra)
-                        frames.append(PyBytes_FromStringAndSize(
-                            <const char *>z_msg_data(&extra), z_msg_size(&extra)))
-                        z_msg_close(&extra)
+                # (without an overflow the frames loop above read the whole message)
+                frames = take_frames(msgs, nf, more if overflow else 0, self.front, &held)
                 punted.append((frames, fd) if drawn < 0 else (frames, fd, drawn))
-                for k in range(len(frames)):
-                    held += PyBytes_GET_SIZE(frames[k])
                 if held > HOLD_MAX:  # Python handles these before more is read
                     read = budget
                     break
@@ -1233,20 +1242,7 @@ cdef class Core:
                 for k in range(8):
                     corr = (corr << 8) | c[k]
             if not (corr & CORR_MARK):
-                frames = [PyBytes_FromStringAndSize(<const char *>z_msg_data(&msgs[k]),
-                                                    z_msg_size(&msgs[k])) for k in range(nf)]
-                for k in range(nf):
-                    z_msg_close(&msgs[k])
-                while more:
-                    z_msg_init(&extra)
-                    z_msg_recv(&extra, sock, ZMQ_DONTWAIT)
-                    more = z_msg_more(&extra)
-                    frames.append(PyBytes_FromStringAndSize(
-                        <const char *>z_msg_data(&extra), z_msg_size(&extra)))
-                    z_msg_close(&extra)
-                foreign.append((b, frames))
-                for k in range(len(frames)):
-                    held += PyBytes_GET_SIZE(frames[k])
+                foreign.append((b, take_frames(msgs, nf, more, sock, &held)))
                 if held > HOLD_MAX:
                     read = budget
                     break
@@ -1277,20 +1273,7 @@ cdef class Core:
                     or (s.model >= 0 and (served := reply_status(
                         <const uint8_t *>z_msg_data(&msgs[2]), rlen, self.ok_status)) < 0)):
                 # Python decides (a bad reply may fail over): the frames after the id
-                frames = [PyBytes_FromStringAndSize(<const char *>z_msg_data(&msgs[k]),
-                                                    z_msg_size(&msgs[k])) for k in range(nf)]
-                for k in range(nf):
-                    z_msg_close(&msgs[k])
-                while more:
-                    z_msg_init(&extra)
-                    z_msg_recv(&extra, sock, ZMQ_DONTWAIT)
-                    more = z_msg_more(&extra)
-                    frames.append(PyBytes_FromStringAndSize(
-                        <const char *>z_msg_data(&extra), z_msg_size(&extra)))
-                    z_msg_close(&extra)
-                resume.append(self._resume(idx, frames))
-                for k in range(len(frames)):
-                    held += PyBytes_GET_SIZE(frames[k])
+                resume.append(self._resume(idx, take_frames(msgs, nf, more, sock, &held)))
                 if held > HOLD_MAX:
                     read = budget
                     break

@@ -376,8 +376,9 @@ class FastPath:
             self._loop.call_soon(self.pump)
 
     def pump(self) -> None:
-        """Read every socket the core drives until none has anything (or the budget is
-        spent: then again on the next loop pass, after other work)."""
+        """Read the sockets that need it (their read edge fired, or something was sent on
+        them: ``_pending``) through the core, hand up what needs Python, and pump again
+        on the next loop pass when a budget was spent."""
         self._scheduled = False
         proxy = self.proxy
         # The frontend's reader is stopped by a drain's close (or not started yet), the
